@@ -1,0 +1,106 @@
+"""The contract every FLoRAL wrapper follows.
+
+A wrapper holds the original layer as ``base`` and the C adaptors as *stacked* tensors whose leading
+dimension is the adaptor index (``adaptor_A[c]`` is adaptor c's factor). Every tensor of the wrapper that is
+not under ``base`` is an adaptor tensor; the aggregation rule relies on that leading dimension.
+
+The mixture ``w`` decides the forward path:
+
+- ``w.shape == (C,)``: one mixture for the whole batch (a client's local training). The **merged** path
+  folds ``alpha * sum_c w_c * delta_c`` into the base weight and runs one base-sized op.
+- ``w.shape == (B, C)``: a mixture per sample (many clients in one batch). The **factorised** path runs all
+  adaptors as one rank ``C*r`` factor pair with the mixture scaling the ``C*r`` channels.
+
+``forward_naive`` is the definition, one adaptor at a time; it exists for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+PATHS = ("auto", "merged", "factorised", "naive")
+
+
+class FloralLayer(nn.Module):
+    """Base class of the wrappers: ``base`` plus C stacked adaptors mixed by a mixture vector."""
+
+    #: base layer types this wrapper adapts (checked by ``FloralModel``)
+    adapts: tuple[type[nn.Module], ...] = ()
+
+    def __init__(self, base: nn.Module, num_adaptors: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        if num_adaptors < 1:
+            raise ValueError(f"num_adaptors={num_adaptors}: must be >= 1")
+        self.base = base
+        self.num_adaptors = num_adaptors
+        self.alpha = float(alpha)
+        #: forward path: "auto" picks merged for a [C] mixture and factorised for a [B, C] one
+        self.path = "auto"
+        #: set by FloralModel around each forward; ``forward(x, mixture=...)`` overrides it
+        self.mixture: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, mixture: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.mixture if mixture is None else mixture
+        if w is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs a mixture: call it through FloralModel(x, client_ids=...) or pass "
+                "mixture=... (shape [num_adaptors] or [batch, num_adaptors])"
+            )
+        if w.shape[-1] != self.num_adaptors or w.dim() not in (1, 2):
+            raise ValueError(
+                f"mixture of shape {tuple(w.shape)}: expected [{self.num_adaptors}] or [batch, {self.num_adaptors}]"
+            )
+        path = self.path
+        if path == "auto":
+            path = "merged" if w.dim() == 1 else "factorised"
+        if path == "merged":
+            if w.dim() != 1:
+                raise ValueError("the merged path needs one mixture for the whole batch (shape [num_adaptors])")
+            return self.forward_merged(x, w)
+        if w.dim() == 1:
+            w = w.expand(x.shape[0], -1)
+        if path == "factorised":
+            return self.forward_factorised(x, w)
+        if path == "naive":
+            return self.forward_naive(x, w)
+        raise ValueError(f"path={self.path!r}: expected one of {PATHS}")
+
+    # --- the three paths, implemented per layer type -------------------------------------------------
+    def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_naive(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- merging ---------------------------------------------------------------------------------------
+    def merged_module(self, w: torch.Tensor) -> nn.Module:
+        """A plain copy of ``base`` with the mixture ``w`` ([C]) folded into its weights (eval semantics)."""
+        raise NotImplementedError
+
+    def _copy_base(self) -> nn.Module:
+        return copy.deepcopy(self.base)
+
+    # --- optional gradient preconditioning (spec §2) -----------------------------------------------------
+    @torch.no_grad()
+    def precondition_gradients_(self, eps: float = 1e-5) -> None:
+        """Rescale the factor gradients by the inverse Gram of the other factor; no-op for layers without factors."""
+
+    def extra_repr(self) -> str:
+        return f"num_adaptors={self.num_adaptors}, alpha={self.alpha}"
+
+
+def scale_channels(w: torch.Tensor, rank: int, groups: int = 1) -> torch.Tensor:
+    """Expand a per-sample mixture [B, C] to the C*r channels of a stacked factor pair.
+
+    Channels are ordered (group, adaptor, rank-within-group) so that a grouped conv with ``groups`` groups
+    sees each adaptor's slice of its group; with ``groups == 1`` this is plain (adaptor, rank) order.
+    """
+    b, c = w.shape
+    per_group = rank // groups
+    return w[:, None, :, None].expand(b, groups, c, per_group).reshape(b, groups * c * per_group)

@@ -1,0 +1,103 @@
+"""FLoRAL wrapper for ``nn.Linear``: adaptor c maps x to ``B_c A_c x + b_c``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FloralLayer, scale_channels
+from .rank import RankSpec, init_factors_, resolve_rank
+
+
+def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """View a [B, F] tensor so it broadcasts against x of shape [B, ..., F]."""
+    return v.view(v.shape[0], *([1] * (x.dim() - 2)), v.shape[-1])
+
+
+class FloralLinear(FloralLayer):
+    """``nn.Linear`` plus C stacked adaptors ``A: [C, r, in]``, ``B: [C, out, r]``, ``bias: [C, out]``."""
+
+    adapts = (nn.Linear,)
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_adaptors: int,
+        rank: RankSpec = 0.01,
+        *,
+        alpha: float = 1.0,
+        bias: bool = True,
+        init: str = "uniform_in",
+        min_rank: int = 1,
+        name: str = "linear",
+    ) -> None:
+        super().__init__(base, num_adaptors, alpha)
+        d_in, d_out = base.in_features, base.out_features
+        self.rank = resolve_rank(rank, d_in, d_out, min_rank=min_rank, name=name)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.adaptor_A = nn.Parameter(torch.empty(num_adaptors, self.rank, d_in, **factory))
+        self.adaptor_B = nn.Parameter(torch.empty(num_adaptors, d_out, self.rank, **factory))
+        init_factors_(self.adaptor_A, self.adaptor_B, init, fan_in=d_in, fan_out=self.rank)
+        # Decision (spec §1): adaptor biases start at zero so the model equals its base at step 0.
+        has_bias = bias and base.bias is not None
+        self.adaptor_bias = nn.Parameter(torch.zeros(num_adaptors, d_out, **factory)) if has_bias else None
+
+    # stacked views: all C adaptors as one rank C*r pair
+    def _stacked(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r, d_in = self.adaptor_A.shape
+        a = self.adaptor_A.reshape(c * r, d_in)
+        b = self.adaptor_B if scale is None else self.adaptor_B * scale[:, None, None]
+        return a, b.permute(1, 0, 2).reshape(-1, c * r)
+
+    def delta_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``alpha * sum_c w_c B_c A_c`` and ``alpha * sum_c w_c b_c`` for a mixture ``w`` of shape [C]."""
+        a, b = self._stacked(self.alpha * w)
+        bias = None if self.adaptor_bias is None else self.alpha * (w @ self.adaptor_bias)
+        return b @ a, bias
+
+    def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        dw, db = self.delta_weight(w)
+        bias = self.base.bias
+        if db is not None:
+            bias = db if bias is None else bias + db
+        return F.linear(x, self.base.weight + dw, bias)
+
+    def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        a, b = self._stacked()
+        h = F.linear(x, a) * _per_sample(self.alpha * scale_channels(w, self.rank), x)
+        out = self.base(x) + F.linear(h, b)
+        if self.adaptor_bias is not None:
+            out = out + _per_sample(self.alpha * (w @ self.adaptor_bias), x)
+        return out
+
+    def forward_naive(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for c in range(self.num_adaptors):
+            bias = None if self.adaptor_bias is None else self.adaptor_bias[c]
+            delta = F.linear(F.linear(x, self.adaptor_A[c]), self.adaptor_B[c], bias)
+            out = out + self.alpha * _per_sample(w[:, c : c + 1], x) * delta
+        return out
+
+    @torch.no_grad()
+    def merged_module(self, w: torch.Tensor) -> nn.Linear:
+        merged = self._copy_base()
+        dw, db = self.delta_weight(w)
+        merged.weight.add_(dw)
+        if db is not None:
+            merged.bias.add_(db)
+        return merged
+
+    @torch.no_grad()
+    def precondition_gradients_(self, eps: float = 1e-5) -> None:
+        """``grad A <- (B^T B + eps I)^-1 grad A`` and ``grad B <- grad B (A A^T + eps I)^-1`` per adaptor."""
+        a, b = self.adaptor_A, self.adaptor_B
+        eye = eps * torch.eye(self.rank, device=a.device, dtype=a.dtype)
+        if a.grad is not None:
+            a.grad.copy_(torch.linalg.solve(b.transpose(1, 2) @ b + eye, a.grad))
+        if b.grad is not None:
+            # (A A^T + eps I) is symmetric, so right-multiplying by its inverse is a solve on the transpose
+            b.grad.copy_(torch.linalg.solve(a @ a.transpose(1, 2) + eye, b.grad.transpose(1, 2)).transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"

@@ -1,0 +1,308 @@
+"""``FloralModel``: any ``nn.Module`` with FLoRAL wrappers in place of its target layers, plus the router."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .layers import FloralLayer, adaptor_kind, build_wrapper
+from .layers.base import PATHS
+from .router import ClientMixtures
+
+Role = Literal["shared", "adaptor", "private"]
+KINDS = ("linear", "conv", "norm", "embedding")
+
+
+def _matches(name: str, pattern: str | Sequence[str]) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list matches names or suffixes."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+@dataclass(frozen=True)
+class ParameterOverhead:
+    """Parameter counts of a FLoRAL model: the base, the C adaptors, and the router (K x C)."""
+
+    base: int
+    adaptors: int
+    router: int
+    num_clients: int
+    num_adaptors: int
+
+    @property
+    def adaptor_percent(self) -> float:
+        """Adaptor parameters as a percentage of the base model's."""
+        return 100.0 * self.adaptors / max(self.base, 1)
+
+    @property
+    def per_client(self) -> int:
+        """Private parameters per client: its C mixture logits."""
+        return self.num_adaptors
+
+    def as_markdown(self) -> str:
+        return (
+            "| part | parameters | % of base |\n|---|---:|---:|\n"
+            f"| base (shared) | {self.base:,} | 100.00 |\n"
+            f"| adaptors (C={self.num_adaptors}, federated) | {self.adaptors:,} | {self.adaptor_percent:.2f} |\n"
+            f"| router (K={self.num_clients} x C, private) | {self.router:,} | "
+            f"{100.0 * self.router / max(self.base, 1):.2f} |\n"
+            f"| per client (private) | {self.per_client} | - |"
+        )
+
+    def __str__(self) -> str:
+        return self.as_markdown()
+
+
+class FloralModel(nn.Module):
+    """Wrap ``base`` with C low-rank adaptors per target layer and a router of K private mixtures.
+
+    The target layers of ``base`` are replaced in place by explicit wrapper modules (``FloralLinear``,
+    ``FloralConv``, ...) that hold the original layer as ``.base``; the wrapped network stays reachable as
+    ``model.base`` with its own methods. Targets are chosen by the type switches ``linear``, ``conv``,
+    ``norm``, ``embedding``, optionally narrowed by ``target_modules`` and ``exclude_modules`` (a string is
+    a regex matched against the whole module name; a list matches names or name suffixes, as in PEFT).
+
+    Args:
+        base: the network to adapt (modified in place).
+        num_clients: K, the number of clients with a private mixture.
+        num_adaptors: C, adaptors per layer.
+        rank: an int, a fraction of each layer's parameter budget, or ``"sqrt"``, ``"log"``, ``"full"``.
+        conv_split: how conv kernels are split between the two factors: ``"balanced_2d"``,
+            ``"balanced"``, ``"in"`` or ``"out"``.
+        init: ``"uniform_in"``, ``"normal_in"``, ``"uniform_out"`` or ``"normal_out"``.
+        alpha: scale of the adaptor sum.
+        bias: give adaptors of biased layers a (zero-initialised) bias of their own.
+        min_rank: lower bound for fractional and rule-based ranks.
+        router: keyword arguments of :class:`ClientMixtures` (temperature, noise, min_prob, ...).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_clients: int,
+        num_adaptors: int = 4,
+        rank: int | float | str = 0.01,
+        *,
+        linear: bool = True,
+        conv: bool = True,
+        norm: bool = False,
+        embedding: bool = False,
+        target_modules: str | Sequence[str] | None = None,
+        exclude_modules: str | Sequence[str] | None = None,
+        conv_split: str = "balanced_2d",
+        init: str = "uniform_in",
+        alpha: float = 1.0,
+        bias: bool = True,
+        min_rank: int = 1,
+        router: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if num_adaptors < 1:
+            raise ValueError(f"num_adaptors={num_adaptors}: must be >= 1 (use the FedAvg method for no adaptors)")
+        self.num_adaptors = num_adaptors
+        self.base = base
+        self.router = ClientMixtures(num_clients, num_adaptors, **(router or {}))
+        enabled = {"linear": linear, "conv": conv, "norm": norm, "embedding": embedding}
+        options = dict(rank=rank, conv_split=conv_split, init=init, alpha=alpha, bias=bias, min_rank=min_rank)
+        targets = _select_targets(base, enabled, target_modules, exclude_modules)
+        if not targets:
+            raise ValueError(
+                "no layer of the base model was selected for adaptation: enable one of "
+                f"{KINDS} that the model has, or check target_modules/exclude_modules"
+            )
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name)
+            setattr(parent, child, build_wrapper(base.get_submodule(name), num_adaptors, name=name, **options))
+        # A plain list, not a ModuleList: the wrappers are already registered inside ``base``.
+        self._floral_layers: list[tuple[str, FloralLayer]] = [
+            (n, m) for n, m in base.named_modules() if isinstance(m, FloralLayer)
+        ]
+        self._roles = self._assign_roles()
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        client_ids: int | torch.Tensor | None = None,
+        *,
+        mixture: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``base`` with every adapted layer mixing its adaptors by the given clients' mixtures.
+
+        ``client_ids`` is an ``int`` (one client for the whole batch: the merged path) or a ``LongTensor``
+        of shape [B] (one client per sample: the factorised path); ``mixture`` bypasses the router.
+        """
+        if mixture is None:
+            if client_ids is None:
+                raise ValueError("FloralModel.forward needs client_ids (int or LongTensor [B]) or mixture=...")
+            mixture = self.router(client_ids)
+        for _, layer in self._floral_layers:
+            layer.mixture = mixture
+        try:
+            return self.base(x)
+        finally:
+            for _, layer in self._floral_layers:
+                layer.mixture = None
+
+    def set_path(self, path: str) -> None:
+        """Force a forward path in every layer: ``auto`` (default), ``merged``, ``factorised`` or ``naive``."""
+        if path not in PATHS:
+            raise ValueError(f"path={path!r}: expected one of {PATHS}")
+        for _, layer in self._floral_layers:
+            layer.path = path
+
+    def floral_layers(self) -> dict[str, FloralLayer]:
+        """The wrappers by their name inside ``base``."""
+        return dict(self._floral_layers)
+
+    # --- parameter roles ---------------------------------------------------------------------------------
+    def _assign_roles(self) -> dict[str, Role]:
+        adaptor_prefixes = tuple(f"base.{name}." for name, _ in self._floral_layers)
+        roles: dict[str, Role] = {}
+        for name, _ in self._named_tensors():
+            if name.startswith("router."):
+                roles[name] = "private"
+            elif name.startswith(adaptor_prefixes) and not _is_under_wrapped_base(name, adaptor_prefixes):
+                roles[name] = "adaptor"
+            else:
+                roles[name] = "shared"
+        return roles
+
+    def _named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.named_parameters()
+        yield from self.named_buffers()
+
+    @property
+    def roles(self) -> dict[str, Role]:
+        """Every parameter's and buffer's role: ``shared`` (base), ``adaptor`` (stacked, leading dim C) or
+        ``private`` (the router)."""
+        return dict(self._roles)
+
+    def _by_role(self, role: Role, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+        source = self.named_buffers() if buffers else self.named_parameters()
+        return [(n, t) for n, t in source if self._roles[n] == role]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The base model's parameters (federated with weights p(k))."""
+        return [p for _, p in self._by_role("shared", buffers=False)]
+
+    def adaptor_parameters(self, index: int | None = None) -> list[torch.Tensor]:
+        """The stacked adaptor parameters (leading dim C), or views of adaptor ``index`` alone."""
+        params = [p for _, p in self._by_role("adaptor", buffers=False)]
+        return params if index is None else [p[index] for p in params]
+
+    def private_parameters(self) -> list[nn.Parameter]:
+        """Per-client parameters that are never averaged: the router logits."""
+        return [p for _, p in self._by_role("private", buffers=False)]
+
+    def shared_buffers(self) -> list[torch.Tensor]:
+        return [b for _, b in self._by_role("shared", buffers=True)]
+
+    def adaptor_buffers(self) -> list[torch.Tensor]:
+        return [b for _, b in self._by_role("adaptor", buffers=True)]
+
+    def federated_state(self) -> dict[str, torch.Tensor]:
+        """Shared and adaptor tensors (parameters and buffers) by name: what the server averages."""
+        return {n: t for n, t in self._named_tensors() if self._roles[n] != "private"}
+
+    # --- merging and reporting ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def mixture_of(self, client_id: int) -> torch.Tensor:
+        """Client ``client_id``'s mixture as used at evaluation (no noise)."""
+        was_training = self.router.training
+        self.router.eval()
+        try:
+            return self.router(client_id)
+        finally:
+            self.router.train(was_training)
+
+    @torch.no_grad()
+    def merge(self, client_id: int) -> nn.Module:
+        """A plain copy of the base architecture with client ``client_id``'s mixture folded into its weights.
+
+        The result equals this model for that client in eval mode (batch-norm adaptors fold their running
+        statistics, so in train mode the merged copy normalises differently).
+        """
+        w = self.mixture_of(client_id)
+        merged = copy.deepcopy(self.base)
+        for name, layer in self._floral_layers:
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, layer.merged_module(w))
+        return merged
+
+    def overhead(self) -> ParameterOverhead:
+        """Parameter counts of the base, the adaptors and the router."""
+        count = {"shared": 0, "adaptor": 0, "private": 0}
+        for name, p in self.named_parameters():
+            count[self._roles[name]] += p.numel()
+        return ParameterOverhead(
+            base=count["shared"],
+            adaptors=count["adaptor"],
+            router=count["private"],
+            num_clients=self.router.num_clients,
+            num_adaptors=self.num_adaptors,
+        )
+
+    @torch.no_grad()
+    def precondition_gradients_(self, eps: float = 1e-5) -> None:
+        """Precondition the factor gradients of every adapted layer (spec §2)."""
+        for _, layer in self._floral_layers:
+            layer.precondition_gradients_(eps)
+
+
+def _is_under_wrapped_base(name: str, adaptor_prefixes: tuple[str, ...]) -> bool:
+    """True for tensors of the original layer inside a wrapper, e.g. ``base.fc.base.weight``."""
+    return any(name.startswith(p) and name[len(p) :].startswith("base.") for p in adaptor_prefixes)
+
+
+def _select_targets(
+    base: nn.Module,
+    enabled: dict[str, bool],
+    target_modules: str | Sequence[str] | None,
+    exclude_modules: str | Sequence[str] | None,
+) -> list[str]:
+    """Names of the modules to wrap, validated against the patterns."""
+    if isinstance(base, FloralLayer) or any(isinstance(m, FloralLayer) for m in base.modules()):
+        raise ValueError("the base model already contains FLoRAL layers; wrap the original model once")
+    names = [n for n, _ in base.named_modules() if n]
+    if target_modules is not None:
+        patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        for p in patterns:
+            hits = [n for n in names if _matches(n, p if isinstance(target_modules, str) else [p])]
+            if not hits:
+                raise ValueError(f"target_modules pattern {p!r} matches no module of the base model")
+            if not isinstance(target_modules, str):
+                for n in hits:
+                    if adaptor_kind(base.get_submodule(n)) is None:
+                        raise TypeError(
+                            f"target module {n!r} is a {type(base.get_submodule(n)).__name__}, which FLoRAL cannot "
+                            "adapt: adaptable types are Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, "
+                            "BatchNorm, LayerNorm, GroupNorm and InstanceNorm"
+                        )
+    if exclude_modules is not None:
+        patterns = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
+        for p in patterns:
+            if not any(_matches(n, p if isinstance(exclude_modules, str) else [p]) for n in names):
+                raise ValueError(f"exclude_modules pattern {p!r} matches no module of the base model")
+    targets = []
+    for name in names:
+        kind = adaptor_kind(base.get_submodule(name))
+        if kind is None:
+            continue
+        if target_modules is not None:
+            if not _matches(name, target_modules):
+                continue
+        elif not enabled[kind]:
+            continue
+        if exclude_modules is not None and _matches(name, exclude_modules):
+            continue
+        targets.append(name)
+    return targets
