@@ -1,2 +1,4 @@
 from .base import FloralLayer
+
+
 class FloralEmbedding(FloralLayer): ...

@@ -1,0 +1,206 @@
+"""The federated round loop, inside one ``Trainer.fit``: one Lightning epoch is one round.
+
+    round t (epoch t):
+        the loader yields each sampled client's batches in turn, tagged with its id
+        first batch of client k:  load the global weights into the model, reset the optimizer state
+        ... local SGD on k's batches (FloralModule.training_step, with k's own mixture) ...
+        k's last batch done:      add k's trained weights to the streaming aggregator
+        round's last batch done:  apply the aggregation rule and the server optimizer to the global
+                                  weights, load them into the model (so validation sees them), and
+                                  sample the clients of round t + 1
+
+Clients for round t+1 are chosen when round t ends (and for the first round in ``on_fit_start``) because
+Lightning asks the loader for its length before ``on_train_epoch_start``; the callback therefore has the
+trainer reload the train loader every epoch. A client's mixture lives in the model's router table and
+changes only when that client trains.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from floral_lightning.aggregation import ServerOptimizer, StreamingAggregator
+
+
+def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, round_idx: int) -> list[int]:
+    """The sorted ids of the clients sampled in ``round_idx``: a pure function of its arguments.
+
+    ``clients_per_round`` is a count (int >= 1) or a fraction in (0, 1] (at least one client).
+    """
+    if isinstance(clients_per_round, float):
+        if not 0.0 < clients_per_round <= 1.0:
+            raise ValueError(f"clients_per_round={clients_per_round}: a fraction must lie in (0, 1]")
+        count = max(1, round(clients_per_round * num_clients))
+    else:
+        if not 1 <= clients_per_round <= num_clients:
+            raise ValueError(
+                f"clients_per_round={clients_per_round}: a count must lie in [1, num_clients={num_clients}]"
+            )
+        count = clients_per_round
+    if count == num_clients:
+        return list(range(num_clients))
+    # One generator per (seed, round): resuming or re-running any round reproduces its sample exactly.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
+    return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
+
+
+class FederatedCallback(Callback):
+    """Runs FLoRAL/FedAvg rounds: client sampling, per-client weight reset, aggregation, server step.
+
+    Works with a ``FloralModule`` (or any module with ``federated_state``, ``federated_roles`` and
+    ``client_logits``) and a data module that has ``num_clients``, ``train_sizes`` and a train loader with
+    ``set_round(round_idx, clients)`` (``FederatedDataModule``). The number of rounds is
+    ``trainer.max_epochs``.
+
+    Args:
+        clients_per_round: clients sampled each round: a count, or a fraction of all clients.
+        local_epochs: passes over its train data each sampled client makes per round.
+        seed: seed of the client sampling.
+        server_optimizer: ``"sgd"`` (lr 1, no momentum = plain averaging; momentum = FedAvgM) or ``"adam"``
+            (FedAdam).
+        server_lr: server learning rate of the base (shared) weights.
+        server_adaptor_lr: server learning rate of the adaptors (``None``: ``server_lr``).
+        server_momentum: SGD momentum of the server.
+        server_betas: Adam betas of the server.
+        server_eps: Adam epsilon of the server.
+    """
+
+    def __init__(
+        self,
+        clients_per_round: int | float = 1.0,
+        local_epochs: int = 1,
+        seed: int = 0,
+        server_optimizer: str = "sgd",
+        server_lr: float = 1.0,
+        server_adaptor_lr: float | None = None,
+        server_momentum: float = 0.0,
+        server_betas: tuple[float, float] = (0.9, 0.99),
+        server_eps: float = 1e-8,
+    ) -> None:
+        if local_epochs < 1:
+            raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
+        self.clients_per_round = clients_per_round
+        self.local_epochs = local_epochs
+        self.seed = seed
+        self.server = ServerOptimizer(
+            server_optimizer, server_lr, server_adaptor_lr, server_momentum, tuple(server_betas), server_eps
+        )
+        self.round = 0
+        self.clients: list[int] = []
+        self._global: dict[str, torch.Tensor] = {}
+        self._aggregator: StreamingAggregator | None = None
+        self._active_client: int | None = None
+        self._pending_server_state: dict | None = None
+
+    # --- set-up ------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError("FederatedCallback needs accumulate_grad_batches=1 (a client's steps are its own)")
+        if trainer.val_check_interval != 1.0:
+            raise ValueError(
+                f"val_check_interval={trainer.val_check_interval}: FederatedCallback evaluates between rounds "
+                "only; use check_val_every_n_epoch to evaluate every N rounds"
+            )
+        # Each round has its own clients, so the loader's length changes: Lightning must re-read it.
+        trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        missing = [a for a in ("num_clients", "train_sizes") if not hasattr(datamodule, a)]
+        if datamodule is None or missing:
+            raise ValueError(
+                "FederatedCallback needs a federated data module (FederatedDataModule) with num_clients, "
+                f"train_sizes and a round loader; got {type(datamodule).__name__} missing {missing}"
+            )
+        self._loader = datamodule.train_dataloader()
+        self._loader.local_epochs = self.local_epochs
+        self._train_sizes = datamodule.train_sizes
+        state = pl_module.federated_state()
+        self._global = {n: t.detach().clone() for n, t in state.items()}
+        self._roles = pl_module.federated_roles()
+        self.server.bind(self._global, self._roles, {n for n, t in state.items() if isinstance(t, torch.nn.Parameter)})
+        if self._pending_server_state is not None:
+            self.server.load_state_dict(self._pending_server_state)
+            self._pending_server_state = None
+        self._start_round(trainer)
+
+    def _start_round(self, trainer: L.Trainer) -> None:
+        num_clients = int(trainer.datamodule.num_clients)
+        self.clients = sample_clients(num_clients, self.clients_per_round, self.seed, self.round)
+        self._loader.set_round(self.round, self.clients)
+        self._aggregator = StreamingAggregator(self._global, self._roles)
+        self._active_client = None
+
+    # --- one client at a time ----------------------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        client_id = int(batch[-1])
+        if client_id == self._active_client:
+            return
+        if self._active_client is not None:
+            self._finish_client(pl_module)
+        self._start_client(trainer, pl_module, client_id)
+
+    def _start_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client_id: int) -> None:
+        """Give the client the current global weights and a fresh optimizer (its mixture is already its own)."""
+        state = pl_module.federated_state()
+        with torch.no_grad():
+            torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+        self._active_client = client_id
+
+    def _finish_client(self, pl_module: L.LightningModule) -> None:
+        k = self._active_client
+        self._aggregator.add(pl_module.federated_state(), int(self._train_sizes[k]), pl_module.client_logits(k))
+        self._active_client = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 < trainer.num_training_batches:
+            return
+        self._finish_client(pl_module)
+        self._finish_round(trainer, pl_module)
+
+    def _finish_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Aggregate, take the server step, load the new global weights, and sample the next round."""
+        averages = self._aggregator.result(fallback=self._global)
+        self.server.step(self._global, averages)
+        state = pl_module.federated_state()
+        with torch.no_grad():
+            torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
+        pl_module.log("round/clients", float(self._aggregator.num_clients), on_step=False, on_epoch=True)
+        self.round += 1
+        self._start_round(trainer)
+
+    # --- checkpointing -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._active_client is not None:
+            warnings.warn(
+                "checkpoint saved in the middle of a federated round: it holds a client's local weights; "
+                "save at round ends (ModelCheckpoint's default) to resume exactly",
+                stacklevel=2,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "seed": self.seed,
+            "clients_per_round": self.clients_per_round,
+            "server_optimizer": self.server.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = state_dict["round"]
+        self.seed = state_dict["seed"]
+        self.clients_per_round = state_dict["clients_per_round"]
+        self._pending_server_state = state_dict["server_optimizer"]

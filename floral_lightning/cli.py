@@ -1,0 +1,31 @@
+"""The command line: ``python train.py fit --config conf/cifar.yaml`` (LightningCLI, omegaconf parser)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .data import FederatedDataModule
+from .module import FloralModule
+
+
+class FloralCLI(LightningCLI):
+    """LightningCLI whose model and data are ``FloralModule`` and ``FederatedDataModule`` (or subclasses).
+
+    ``model.init_args.num_clients`` is linked to ``data.init_args.num_clients``; configs are parsed with
+    omegaconf so ``${...}`` interpolation works; unknown keys are errors.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.init_args.num_clients", "model.init_args.num_clients")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> FloralCLI:
+    return FloralCLI(
+        FloralModule,
+        FederatedDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=args,
+        run=run,
+    )
