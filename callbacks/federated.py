@@ -178,7 +178,7 @@ class FederatedCallback(Callback):
         state = pl_module.federated_state()
         with torch.no_grad():
             torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
-        pl_module.log("round/clients", float(self._aggregator.num_clients), on_step=False, on_epoch=True)
+        pl_module.log("round/clients", float(self._aggregator.num_clients), on_step=False, on_epoch=True, batch_size=1)
         self.round += 1
         self._start_round(trainer)
 

@@ -118,12 +118,15 @@ class FloralModel(nn.Module):
                 f"{KINDS} that the model has, or check target_modules/exclude_modules"
             )
         for name in targets:
+            wrapper = build_wrapper(base.get_submodule(name), num_adaptors, name=name or "base", **options)
+            if not name:  # the base model is itself one adaptable layer, e.g. nn.Linear
+                self.base = wrapper
+                continue
             parent_name, _, child = name.rpartition(".")
-            parent = base.get_submodule(parent_name)
-            setattr(parent, child, build_wrapper(base.get_submodule(name), num_adaptors, name=name, **options))
+            setattr(base.get_submodule(parent_name), child, wrapper)
         # A plain list, not a ModuleList: the wrappers are already registered inside ``base``.
         self._floral_layers: list[tuple[str, FloralLayer]] = [
-            (n, m) for n, m in base.named_modules() if isinstance(m, FloralLayer)
+            (n, m) for n, m in self.base.named_modules() if isinstance(m, FloralLayer)
         ]
         self._roles = self._assign_roles()
 
@@ -165,7 +168,7 @@ class FloralModel(nn.Module):
 
     # --- parameter roles ---------------------------------------------------------------------------------
     def _assign_roles(self) -> dict[str, Role]:
-        adaptor_prefixes = tuple(f"base.{name}." for name, _ in self._floral_layers)
+        adaptor_prefixes = tuple(f"base.{name}." if name else "base." for name, _ in self._floral_layers)
         roles: dict[str, Role] = {}
         for name, _ in self._named_tensors():
             if name.startswith("router."):
@@ -234,6 +237,8 @@ class FloralModel(nn.Module):
         w = self.mixture_of(client_id)
         merged = copy.deepcopy(self.base)
         for name, layer in self._floral_layers:
+            if not name:
+                return layer.merged_module(w)
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, layer.merged_module(w))
         return merged
@@ -272,7 +277,8 @@ def _select_targets(
     """Names of the modules to wrap, validated against the patterns."""
     if isinstance(base, FloralLayer) or any(isinstance(m, FloralLayer) for m in base.modules()):
         raise ValueError("the base model already contains FLoRAL layers; wrap the original model once")
-    names = [n for n, _ in base.named_modules() if n]
+    # The root is a candidate only when the whole base model is one adaptable layer.
+    names = [n for n, _ in base.named_modules() if n or next(base.children(), None) is None]
     if target_modules is not None:
         patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         for p in patterns:

@@ -257,3 +257,19 @@ def test_oracle_router_is_one_hot_and_frozen():
     torch.testing.assert_close(router(torch.arange(4)).argmax(-1), torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="oracle clusters must lie"):
         ClientMixtures(2, 2).set_oracle(torch.tensor([0, 2]))
+
+
+def test_a_single_layer_base_is_wrapped_whole():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 3)
+    x = torch.randn(4, 10)
+    expected = base(x)
+    model = FloralModel(base, num_clients=3, num_adaptors=2, rank=1)
+    assert isinstance(model.base, FloralLinear) and model.base.base is base
+    assert model.roles["base.adaptor_A"] == "adaptor" and model.roles["base.base.weight"] == "shared"
+    model.eval()
+    assert torch.equal(model(x, 0), expected)
+    randomise_adaptors(model)
+    merged = model.merge(1)
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), model(x, 1))

@@ -145,9 +145,7 @@ class FloralConv(FloralLayer):
             shape_a, shape_b = (r, c_in // g, *self.k1), (c_out, r // g, *self.k2)
         self.adaptor_A = nn.Parameter(torch.empty(num_adaptors, *shape_a, **factory))
         self.adaptor_B = nn.Parameter(torch.empty(num_adaptors, *shape_b, **factory))
-        init_factors_(
-            self.adaptor_A, self.adaptor_B, init, fan_in=d_in, fan_out=per_group * math.prod(self.k2)
-        )
+        init_factors_(self.adaptor_A, self.adaptor_B, init, fan_in=d_in, fan_out=per_group * math.prod(self.k2))
         # Decision (spec §1): adaptor biases start at zero so the model equals its base at step 0.
         has_bias = bias and base.bias is not None
         self.adaptor_bias = nn.Parameter(torch.zeros(num_adaptors, c_out, **factory)) if has_bias else None
@@ -159,9 +157,7 @@ class FloralConv(FloralLayer):
             return fn(x, weight, None, self.stride1, self.padding1, self.output_padding1, groups, self.dilation1)
         return _CONV_FNS[self.n_dims](x, weight, None, self.stride1, self.padding1, self.dilation1, groups)
 
-    def _second(
-        self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
-    ) -> torch.Tensor:
+    def _second(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
         if self.transposed:
             fn = _CONV_TRANSPOSE_FNS[self.n_dims]
             return fn(h, weight, bias, self.stride2, self.padding2, self.output_padding2, groups, self.dilation2)
