@@ -66,6 +66,11 @@ class ClientOptimizer:
     weight_decay: float = 0.0
 
 
+# The option dataclasses are saved in checkpoints' hyperparameters; they are plain data, so let
+# ``torch.load(weights_only=True)`` (Lightning's default for resuming) read them.
+torch.serialization.add_safe_globals([Targets, RouterOptions, ClientOptimizer])
+
+
 class FloralModule(L.LightningModule):
     """Personalised federated training of ``base`` with FLoRAL (or plain FedAvg with ``num_adaptors=0``).
 
@@ -262,7 +267,7 @@ class FloralModule(L.LightningModule):
 
     def _log_evaluation(self, split: str) -> None:
         metrics = self._metrics.pop(split, None)
-        if metrics is None:
+        if metrics is None or self.trainer.sanity_checking:  # Lightning drops sanity-check logs; so do we
             return
         clusters = getattr(getattr(self.trainer, "datamodule", None), "clusters", None)
         for name, metric in metrics.items():

@@ -1,0 +1,182 @@
+"""End-to-end runs of ``train.py`` on tiny versions of the shipped configs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from floral_lightning.cli import main
+from floral_lightning.tasks import RegressionModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+MNIST_NPZ = ROOT.parent / "shared" / "data" / "mnist_subset.npz"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str):
+    return main(list(args))
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    (path,) = glob.glob(str(log_dir / "events.out.tfevents.*"))
+    acc = EventAccumulator(path, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_fit_then_test_from_checkpoint(tmp_path):
+    config = str(CONF / "synthetic_linear.yaml")
+    cli = run(
+        "fit",
+        "--config",
+        config,
+        "--trainer.max_epochs=4",
+        "--trainer.check_val_every_n_epoch=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    )
+    log_dir = Path(cli.trainer.log_dir)
+    ckpt = log_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+
+    acc = events(log_dir)
+    scalars = set(acc.Tags()["scalars"])
+    assert {
+        "val/mse",
+        "val/mse_unweighted",
+        "val/mse_worst",
+        "val/mse_cluster0",
+        "val/routing_ari",
+        "val/router_entropy",
+        "train/loss",
+    } <= scalars
+    assert "val/mixtures" in acc.Tags()["images"]
+    assert len(acc.Images("val/mixtures")) == 2  # one heatmap per evaluation
+    assert any("overhead" in t for t in acc.Tags()["tensors"])
+
+    mixtures = json.loads((log_dir / "checkpoints" / "last.mixtures.json").read_text())
+    assert mixtures["round"] == 4 and mixtures["num_clients"] == 10
+    assert [c["client_id"] for c in mixtures["clients"]] == list(range(10))
+    for client in mixtures["clients"]:
+        assert abs(sum(client["mixture"]) - 1.0) < 1e-5
+        assert client["cluster"] == client["client_id"] % 2
+
+    tested = run("test", "--config", config, f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}", *QUIET)
+    metrics = tested.trainer.callback_metrics
+    assert {"test/mse", "test/mse_worst", "test/routing_ari"} <= set(metrics)
+    # the tested model is the checkpoint's: its mixtures are the ones written beside it
+    logits = tested.model.model.router.logits.detach()
+    torch.testing.assert_close(logits, torch.tensor([c["logits"] for c in mixtures["clients"]]))
+
+
+def test_cifar_config_runs_on_generated_images(tmp_path):
+    cli = run(
+        "fit",
+        "--config",
+        str(CONF / "cifar.yaml"),
+        "--data.init_args.source=floral_lightning.data.RandomImages",
+        "--data.init_args.source.init_args.num_train=640",
+        "--data.init_args.source.init_args.num_test=160",
+        "--trainer.max_epochs=2",
+        "--trainer.check_val_every_n_epoch=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    )
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.current_epoch == 2
+    assert 0.0 <= float(metrics["val/acc"]) <= 1.0 and "val/acc_cluster3" in metrics
+    assert len(list((Path(cli.trainer.log_dir) / "checkpoints").glob("*.mixtures.json"))) >= 1
+
+
+class HuberRegression(RegressionModule):
+    """A new task by overriding two methods: Huber loss, and mean absolute error as a second metric."""
+
+    def compute_loss(self, outputs, targets):
+        return F.huber_loss(outputs, targets)
+
+    def compute_metrics(self, outputs, targets):
+        return super().compute_metrics(outputs, targets) | {"mae": (outputs - targets).abs().flatten(1).mean(1)}
+
+
+def test_a_subclassed_task_trains_through_the_cli(tmp_path):
+    cli = run(
+        "fit",
+        "--config",
+        str(CONF / "synthetic_mlp.yaml"),
+        f"--model.class_path={__name__}.HuberRegression",
+        "--trainer.max_epochs=3",
+        "--trainer.check_val_every_n_epoch=3",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    )
+    assert type(cli.model) is HuberRegression
+    metrics = cli.trainer.callback_metrics
+    assert {"val/mse", "val/mae", "val/mae_worst"} <= set(metrics)
+    assert float(metrics["val/mae_worst"]) >= float(metrics["val/mae"])  # lower is better: worst is the max
+
+
+def test_print_config_and_reduced_overlay(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("fit", "--config", str(CONF / "mnist.yaml"), "--config", str(CONF / "reduced.yaml"), "--print_config")
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "train_fraction: 0.05" in printed and "router_lr: 0.3" in printed and "max_epochs: 1500" in printed
+    assert "floral_lightning.models.MLP" in printed and "cluster_transform: rotate" in printed
+    assert "num_clients: 300" in printed  # linked from data into model
+
+
+def test_unknown_key_is_rejected_by_name(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    rnak: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run("fit", "--config", str(CONF / "synthetic_linear.yaml"), "--config", str(bad))
+    assert exit_info.value.code != 0
+    assert "rnak" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not MNIST_NPZ.exists(), reason="the offline MNIST subset is not beside the checkout")
+def test_mnist_config_on_the_offline_subset(tmp_path):
+    cli = run(
+        "fit",
+        "--config",
+        str(CONF / "mnist_label_shift.yaml"),
+        "--data.init_args.source=floral_lightning.data.NpzArrays",
+        f"--data.init_args.source.init_args.path={MNIST_NPZ}",
+        "--trainer.max_epochs=2",
+        "--trainer.check_val_every_n_epoch=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    )
+    assert 0.0 < float(cli.trainer.callback_metrics["val/acc"]) <= 1.0
+
+
+def test_train_py_entry_point(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "fit",
+            "--config",
+            "conf/synthetic_linear.yaml",
+            "--trainer.max_epochs=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
