@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from .federated import FederatedCallback
 
@@ -26,10 +27,10 @@ def mixtures_path(checkpoint_path: str | os.PathLike) -> Path:
 
 
 def mixtures_record(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-    """Every client's mixture ``softmax(theta / T)``, its logits and its true cluster (if known)."""
+    """Every client's mixture ``softmax(theta / T)``, its logits and its true cluster (if known).
+
+    The module must have client mixtures (``client_mixtures()`` is not ``None``)."""
     mixtures = pl_module.client_mixtures()
-    if mixtures is None:
-        raise ValueError(f"{type(pl_module).__name__} has no client mixtures (FedAvg); drop MixtureCheckpoint")
     logits = pl_module.model.router.logits.detach().cpu()
     clusters = getattr(trainer.datamodule, "clusters", None)
     return {
@@ -68,8 +69,12 @@ class MixtureCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            write_json_atomic(mixtures_record(trainer, trainer.lightning_module), mixtures_path(filepath))
+        if not trainer.is_global_zero:
+            return
+        if trainer.lightning_module.client_mixtures() is None:  # e.g. FedAvg: a plain checkpoint
+            rank_zero_info("MixtureCheckpoint: the model has no client mixtures; writing checkpoints only")
+            return
+        write_json_atomic(mixtures_record(trainer, trainer.lightning_module), mixtures_path(filepath))
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

@@ -189,7 +189,14 @@ class FloralNorm(FloralLayer):
         if self._check_input(x, per_sample=False):
             return self.forward_merged(x.unsqueeze(0), w).squeeze(0)
         weight, bias = self._merged_affine(w, self._input_stats())
-        out = self._normalise(x, weight, bias, stats=True)
+        # the kernel gets only the affine pieces the base has (so the output is the base's, bit for bit, at
+        # init); a missing piece is applied elementwise
+        if self.base.weight is None:
+            out = torch.addcmul(self._view(bias, x), self._normalise(x, stats=True), self._view(weight, x))
+        elif self.base.bias is None:
+            out = self._normalise(x, weight, None, stats=True) + self._view(bias, x)
+        else:
+            out = self._normalise(x, weight, bias, stats=True)
         if self._updates_stats():
             self._update_adaptor_stats_(x)
         return out
