@@ -1,6 +1,7 @@
 """FLoRAL vs FedAvg on an MNIST task config, run in full on the offline MNIST subset.
 
-    python bench/mnist_methods.py --config conf/mnist_label_shift.yaml [--rounds 500] [--out bench/mnist_label_shift.json]
+    python bench/mnist_methods.py --config conf/mnist_label_shift.yaml --rounds 500 \
+        --out bench/mnist_label_shift.json
 
 Runs ``train.py fit`` once per method with the data source pointed at ``../shared/data/mnist_subset.npz``
 and reports the personalised test accuracy (sample-weighted mean over clients, the paper's number),
@@ -25,10 +26,16 @@ METHODS = {"FLoRAL(1%)": [], "FedAvg": ["--model.init_args.num_adaptors=0"]}
 
 def run_method(config: str, npz: str, rounds: int, extra: list[str], log_dir: str) -> dict:
     args = [
-        "fit", "--config", config,
-        "--data.init_args.source=floral_lightning.data.NpzArrays", f"--data.init_args.source.init_args.path={npz}",
-        f"--trainer.max_epochs={rounds}", f"--trainer.default_root_dir={log_dir}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
+        "fit",
+        "--config",
+        config,
+        "--data.init_args.source=floral_lightning.data.NpzArrays",
+        f"--data.init_args.source.init_args.path={npz}",
+        f"--trainer.max_epochs={rounds}",
+        f"--trainer.default_root_dir={log_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
     ]
     start = time.perf_counter()
     cli = main(args)
@@ -46,16 +53,22 @@ def main_cli() -> None:
     parser.add_argument("--log-dir", default="lightning_logs/bench_mnist")
     args = parser.parse_args()
     results = {
-        "config": args.config, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": {},
+        "config": args.config,
+        "rounds": args.rounds,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "methods": {},
     }
     for name, extra in METHODS.items():
         results["methods"][name] = run_method(args.config, args.npz, args.rounds, extra, f"{args.log_dir}/{name}")
         Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"| method | acc (weighted) | acc (unweighted) | worst client | routing ARI | wall s |\n|---|---|---|---|---|---|")
+    columns = ["val/acc", "val/acc_unweighted", "val/acc_worst", "val/routing_ari"]
+    print("| method | acc (weighted) | acc (unweighted) | worst client | routing ARI | wall s |")
+    print("|---|---|---|---|---|---|")
     for name, r in results["methods"].items():
-        print(f"| {name} | {r.get('val/acc', float('nan')):.4f} | {r.get('val/acc_unweighted', float('nan')):.4f} | "
-              f"{r.get('val/acc_worst', float('nan')):.4f} | {r.get('val/routing_ari', float('nan')):.3f} | {r['wall_s']} |")
+        cells = " | ".join(f"{r.get(c, float('nan')):.4f}" for c in columns)
+        print(f"| {name} | {cells} | {r['wall_s']} |")
 
 
 if __name__ == "__main__":
