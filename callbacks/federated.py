@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from floral_lightning.aggregation import ServerOptimizer, StreamingAggregator
+from floral_lightning.data import seeded_generator
 
 
 def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, round_idx: int) -> list[int]:
@@ -45,7 +46,7 @@ def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, 
     if count == num_clients:
         return list(range(num_clients))
     # One generator per (seed, round): resuming or re-running any round reproduces its sample exactly.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
+    generator = seeded_generator(seed, 0, round_idx)  # stream 0: client sampling (the loaders use stream 1)
     return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
 
 

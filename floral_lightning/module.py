@@ -226,6 +226,8 @@ class FloralModule(L.LightningModule):
         x, y, client_id = batch
         loss = self.compute_loss(self(x, client_id), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        # the progress bar shows "Epoch N" (the round) and the client training now
+        self.log("client", float(client_id), prog_bar=True, logger=False, batch_size=len(x))
         if self.is_floral:
             penalty = self.model.router.entropy_loss(client_id)
             if penalty is not None:

@@ -1,0 +1,7 @@
+"""The benchmark suite of floral-lightning: ``python -m bench`` (see ``bench/run.py``).
+
+Sections: ``layers`` (training-step cost of the forward paths), ``round`` (Trainer round vs a hand-written
+loop, FLoRAL vs FedAvg), ``evaluation`` (all clients at once vs one FedAvg model), ``scaling`` (registered
+and sampled clients) and ``startup`` (process launch to first training step). ``bench/mnist_methods.py`` is
+a separate accuracy benchmark, not part of the suite.
+"""
