@@ -53,8 +53,8 @@ def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, 
 class FederatedCallback(Callback):
     """Runs FLoRAL/FedAvg rounds: client sampling, per-client weight reset, aggregation, server step.
 
-    Works with a ``FloralModule`` (or any module with ``federated_state``, ``federated_roles`` and
-    ``client_logits``) and a data module that has ``num_clients``, ``train_sizes`` and a train loader with
+    Works with a ``FloralModule`` (or any module with ``federated_state``, ``federated_roles``,
+    ``client_logits``, ``on_client_start`` and ``on_client_end``) and a data module that has ``num_clients``, ``train_sizes`` and a train loader with
     ``set_round(round_idx, clients)`` (``FederatedDataModule``). The number of rounds is
     ``trainer.max_epochs``.
 
@@ -158,9 +158,11 @@ class FederatedCallback(Callback):
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         self._active_client = client_id
+        pl_module.on_client_start(client_id)
 
     def _finish_client(self, pl_module: L.LightningModule) -> None:
         k = self._active_client
+        pl_module.on_client_end(k)
         self._aggregator.add(pl_module.federated_state(), int(self._train_sizes[k]), pl_module.client_logits(k))
         self._active_client = None
 

@@ -176,6 +176,14 @@ class FloralModule(L.LightningModule):
         router = self.model.router
         return torch.softmax(router.logits.detach() / router.temperature, dim=-1)
 
+    def on_client_start(self, client_id: int) -> None:
+        """Called by the round loop when ``client_id`` starts local training, after the global weights are
+        loaded: methods with private per-client state load it here."""
+
+    def on_client_end(self, client_id: int) -> None:
+        """Called by the round loop when ``client_id`` finishes local training, before its weights are
+        aggregated: methods with private per-client state store it here."""
+
     # --- what a subclass overrides for a new task --------------------------------------------------------
     def compute_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch (cross-entropy; override for other tasks)."""

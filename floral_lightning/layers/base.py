@@ -7,11 +7,13 @@ not under ``base`` is an adaptor tensor; the aggregation rule relies on that lea
 The mixture ``w`` decides the forward path:
 
 - ``w.shape == (C,)``: one mixture for the whole batch (a client's local training). The **merged** path
-  folds ``alpha * sum_c w_c * delta_c`` into the base weight and runs one base-sized op.
+  folds ``alpha * sum_c w_c * delta_c`` into the base weight and runs one base-sized op (an embedding may
+  instead look the adaptor rows up when that is cheaper; "merged" means one mixture for the batch).
 - ``w.shape == (B, C)``: a mixture per sample (many clients in one batch). The **factorised** path runs all
   adaptors as one rank ``C*r`` factor pair with the mixture scaling the ``C*r`` channels.
 
 ``forward_naive`` is the definition, one adaptor at a time; it exists for tests and benchmarks.
+Inputs carry a leading batch dimension.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class FloralLayer(nn.Module):
             return self.forward_merged(x, w)
         if w.dim() == 1:
             w = w.expand(x.shape[0], -1)
+        elif w.shape[0] != x.shape[0]:
+            raise ValueError(f"per-sample mixture for {w.shape[0]} samples, but the batch has {x.shape[0]}")
         if path == "factorised":
             return self.forward_factorised(x, w)
         if path == "naive":
@@ -104,3 +108,8 @@ def scale_channels(w: torch.Tensor, rank: int, groups: int = 1) -> torch.Tensor:
     b, c = w.shape
     per_group = rank // groups
     return w[:, None, :, None].expand(b, groups, c, per_group).reshape(b, groups * c * per_group)
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a per-sample ``[B, F]`` tensor so it broadcasts against ``like`` of shape ``[B, ..., F]``."""
+    return v.view(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])

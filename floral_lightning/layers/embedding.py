@@ -21,13 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FloralLayer, scale_channels
+from .base import FloralLayer, per_sample, scale_channels
 from .rank import RankSpec, resolve_rank
-
-
-def _per_sample(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """View a [B, F] tensor so it broadcasts against h of shape [B, ..., F]."""
-    return v.view(v.shape[0], *([1] * (h.dim() - 2)), v.shape[-1])
 
 
 def _gram_norm(t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +115,7 @@ class FloralEmbedding(FloralLayer):
 
     def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         h = self._lookup(x)
-        h = h * _per_sample(self.alpha * scale_channels(w, self.rank), h)
+        h = h * per_sample(self.alpha * scale_channels(w, self.rank), h)
         return self.base(x) + F.linear(h, self._b_cat())
 
     def forward_naive(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -129,7 +124,7 @@ class FloralEmbedding(FloralLayer):
         for c in range(self.num_adaptors):
             h = self._keep(x, F.embedding(x, self.adaptor_A[c], scale_grad_by_freq=sgbf))
             delta = F.linear(h, self.adaptor_B[c])
-            out = out + self.alpha * _per_sample(w[:, c : c + 1], delta) * delta
+            out = out + self.alpha * per_sample(w[:, c : c + 1], delta) * delta
         return out
 
     @torch.no_grad()

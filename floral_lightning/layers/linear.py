@@ -6,13 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FloralLayer, scale_channels
+from .base import FloralLayer, per_sample, scale_channels
 from .rank import RankSpec, init_factors_, resolve_rank
-
-
-def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """View a [B, F] tensor so it broadcasts against x of shape [B, ..., F]."""
-    return v.view(v.shape[0], *([1] * (x.dim() - 2)), v.shape[-1])
 
 
 class FloralLinear(FloralLayer):
@@ -65,10 +60,10 @@ class FloralLinear(FloralLayer):
 
     def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         a, b = self._stacked()
-        h = F.linear(x, a) * _per_sample(self.alpha * scale_channels(w, self.rank), x)
+        h = F.linear(x, a) * per_sample(self.alpha * scale_channels(w, self.rank), x)
         out = self.base(x) + F.linear(h, b)
         if self.adaptor_bias is not None:
-            out = out + _per_sample(self.alpha * (w @ self.adaptor_bias), x)
+            out = out + per_sample(self.alpha * (w @ self.adaptor_bias), x)
         return out
 
     def forward_naive(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -76,7 +71,7 @@ class FloralLinear(FloralLayer):
         for c in range(self.num_adaptors):
             bias = None if self.adaptor_bias is None else self.adaptor_bias[c]
             delta = F.linear(F.linear(x, self.adaptor_A[c]), self.adaptor_B[c], bias)
-            out = out + self.alpha * _per_sample(w[:, c : c + 1], x) * delta
+            out = out + self.alpha * per_sample(w[:, c : c + 1], x) * delta
         return out
 
     @torch.no_grad()
