@@ -151,7 +151,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 16 and fewer repeats")
     parser.add_argument("--model", choices=[*CASES, "all"], default="all")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = tuple(CASES) if args.model == "all" else (args.model,)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(markdown(run(args.quick, models)))

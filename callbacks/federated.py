@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from floral_lightning.aggregation import ServerOptimizer, StreamingAggregator
-from floral_lightning.data import seeded_generator
+from floral_lightning.data import run_seed, seeded_generator
 
 
 def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, round_idx: int) -> list[int]:
@@ -61,7 +61,7 @@ class FederatedCallback(Callback):
     Args:
         clients_per_round: clients sampled each round: a count, or a fraction of all clients.
         local_epochs: passes over its train data each sampled client makes per round.
-        seed: seed of the client sampling.
+        seed: seed of the client sampling (``None``: the run's ``seed_everything``).
         server_optimizer: ``"sgd"`` (lr 1, no momentum = plain averaging; momentum = FedAvgM) or ``"adam"``
             (FedAdam).
         server_lr: server learning rate of the base (shared) weights.
@@ -75,7 +75,7 @@ class FederatedCallback(Callback):
         self,
         clients_per_round: int | float = 1.0,
         local_epochs: int = 1,
-        seed: int = 0,
+        seed: int | None = None,
         server_optimizer: str = "sgd",
         server_lr: float = 1.0,
         server_adaptor_lr: float | None = None,
@@ -87,7 +87,7 @@ class FederatedCallback(Callback):
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
         self.clients_per_round = clients_per_round
         self.local_epochs = local_epochs
-        self.seed = seed
+        self.seed = run_seed(seed)
         self.server = ServerOptimizer(
             server_optimizer, server_lr, server_adaptor_lr, server_momentum, tuple(server_betas), server_eps
         )

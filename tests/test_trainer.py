@@ -215,3 +215,10 @@ def test_floral_model_direct_use_matches_module_forward():
     module.eval()
     x = torch.randn(3, 10)
     assert torch.equal(module(x, 1), module.model(x, 1))
+
+
+def test_seed_none_follows_seed_everything():
+    L.seed_everything(7)
+    assert FederatedCallback().seed == 7
+    assert FederatedDataModule(SyntheticLinear(), num_clients=2).seed == 7
+    assert FederatedCallback(seed=3).seed == 3
