@@ -54,9 +54,9 @@ class FederatedCallback(Callback):
     """Runs FLoRAL/FedAvg rounds: client sampling, per-client weight reset, aggregation, server step.
 
     Works with a ``FloralModule`` (or any module with ``federated_state``, ``federated_roles``,
-    ``client_logits``, ``on_client_start`` and ``on_client_end``) and a data module that has ``num_clients``, ``train_sizes`` and a train loader with
-    ``set_round(round_idx, clients)`` (``FederatedDataModule``). The number of rounds is
-    ``trainer.max_epochs``.
+    ``client_logits``, ``on_client_start`` and ``on_client_end``) and a data module that has
+    ``num_clients``, ``train_sizes`` and a train loader with ``set_round(round_idx, clients)``
+    (``FederatedDataModule``). The number of rounds is ``trainer.max_epochs``.
 
     Args:
         clients_per_round: clients sampled each round: a count, or a fraction of all clients.
