@@ -51,17 +51,20 @@ def main_cli() -> None:
     parser.add_argument("--rounds", type=int, default=500)
     parser.add_argument("--out", default="bench/mnist_label_shift.json")
     parser.add_argument("--log-dir", default="lightning_logs/bench_mnist")
+    parser.add_argument("--override", action="append", default=[], help="extra train.py argument, repeatable")
     args = parser.parse_args()
     results = {
         "config": args.config,
         "rounds": args.rounds,
+        "overrides": args.override,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "methods": {},
     }
     for name, extra in METHODS.items():
-        results["methods"][name] = run_method(args.config, args.npz, args.rounds, extra, f"{args.log_dir}/{name}")
+        log_dir = f"{args.log_dir}/{name}"
+        results["methods"][name] = run_method(args.config, args.npz, args.rounds, extra + args.override, log_dir)
         Path(args.out).write_text(json.dumps(results, indent=2))
     columns = ["val/acc", "val/acc_unweighted", "val/acc_worst", "val/routing_ari"]
     print("| method | acc (weighted) | acc (unweighted) | worst client | routing ARI | wall s |")
