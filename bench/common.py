@@ -122,6 +122,8 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
 def quiet_lightning() -> None:
     """Silence Lightning's start-up banners and advice warnings (e.g. "few workers"): they are printed on
     every ``fit`` and would drown the tables; they do not change what is measured."""
+    import lightning.pytorch  # noqa: F401  (its import sets its logger to INFO: set levels after it)
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"lightning(\.|$)")

@@ -1,0 +1,307 @@
+"""Run a grid of tasks x methods x seeds through ``train.py`` and report it in the paper's layout.
+
+    python -m floral_lightning.experiments compare --tasks mnist_rotate mnist_label_shift \\
+        --methods fedavg floral1 floral1_oracle --seeds 0 1 2 --rounds 100 --out results/mnist
+
+Every cell is one ``train.py fit`` in its own process (a crash loses one cell, not the grid). Finished cells
+are recorded in ``OUT/results.csv`` and skipped when the command is run again, so an interrupted grid
+resumes where it stopped. The report is ``OUT/results.md`` (mean (std) over seeds, best per column in bold,
+parameter overhead per method) and ``OUT/curves_TASK.png`` (personalised metric vs round per method).
+The value of a cell is the mean of the evaluations in the last 1 % of rounds (at least the final one), as
+in the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: task name -> config files (later ones overlay earlier ones)
+TASKS: dict[str, list[str]] = {
+    "mnist_rotate": ["conf/mnist.yaml"],
+    "mnist_label_shift": ["conf/mnist_label_shift.yaml"],
+    "mnist_rotate_reduced": ["conf/mnist.yaml", "conf/reduced.yaml"],
+    "mnist_label_shift_reduced": ["conf/mnist_label_shift.yaml", "conf/reduced.yaml"],
+    "cifar10_rotate": ["conf/cifar.yaml"],
+    "cifar10_label_shift": ["conf/cifar_label_shift.yaml"],
+    "cifar10_rotate_reduced": ["conf/cifar.yaml", "conf/reduced.yaml"],
+    "cifar10_label_shift_reduced": ["conf/cifar_label_shift.yaml", "conf/reduced.yaml"],
+    "cifar100_reduced": ["conf/cifar100.yaml", "conf/reduced.yaml"],
+    "synthetic_linear": ["conf/synthetic_linear.yaml"],
+    "synthetic_mlp": ["conf/synthetic_mlp.yaml"],
+}
+
+_METHODS = "floral_lightning.methods"
+#: method name -> (label in the table, train.py overrides)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "fedavg": ("FedAvg", ["--model.init_args.num_adaptors=0"]),
+    "local_adaptor": ("Local Adaptor", [f"--model.class_path={_METHODS}.LocalAdaptorModule"]),
+    "ensemble": ("Ensemble", [f"--model.class_path={_METHODS}.EnsembleModule"]),
+    "ensemble_oracle": (
+        "Ensemble (oracle)",
+        [f"--model.class_path={_METHODS}.EnsembleModule", "--model.init_args.router.oracle=true"],
+    ),
+    "floral1": ("FLoRAL(1%)", ["--model.init_args.rank=0.01"]),
+    "floral1_oracle": ("FLoRAL(1%) (oracle)", ["--model.init_args.rank=0.01", "--model.init_args.router.oracle=true"]),
+    "floral10": ("FLoRAL(10%)", ["--model.init_args.rank=0.1"]),
+    "floral10_oracle": ("FLoRAL(10%) (oracle)", ["--model.init_args.rank=0.1", "--model.init_args.router.oracle=true"]),
+    "finetune": ("FedAvg + fine-tuning", [f"--model.class_path={_METHODS}.FineTuneModule"]),
+    "ditto": ("Ditto", [f"--model.class_path={_METHODS}.DittoModule"]),
+    "fedprox": ("FedProx", [f"--model.class_path={_METHODS}.FedProxModule"]),
+}
+
+FIELDS = [
+    "task",
+    "method",
+    "seed",
+    "rounds",
+    "metric",
+    "value",
+    "value_unweighted",
+    "value_worst",
+    "routing_ari",
+    "base_params",
+    "extra_params",
+    "extra_percent",
+    "wall_s",
+    "log_dir",
+]
+
+
+def cell_command(task: str, method: str, seed: int, rounds: int, log_dir: Path, extra: list[str]) -> list[str]:
+    """The ``train.py fit`` command of one cell."""
+    configs = [arg for cfg in TASKS[task] for arg in ("--config", str(ROOT / cfg))]
+    return [
+        sys.executable, str(ROOT / "train.py"), "fit", *configs, *METHODS[method][1],
+        f"--seed_everything={seed}", f"--trainer.max_epochs={rounds}",
+        f"--trainer.check_val_every_n_epoch={max(1, rounds // 20)}",
+        f"--trainer.default_root_dir={log_dir}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", *extra,
+    ]  # fmt: skip
+
+
+def read_history(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every ``val/*`` scalar of a run as (round, value) pairs, from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = sorted(log_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))[-1:]
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    step_to_round = {e.step: int(e.value) + 1 for e in acc.Scalars("epoch")}
+    return {
+        tag: [(step_to_round.get(e.step, 0), e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if tag.startswith("val/")
+    }
+
+
+def summarise_cell(history: dict[str, list[tuple[int, float]]], rounds: int) -> dict[str, float | str]:
+    """The cell's value: mean of the evaluations in the last 1 % of rounds (at least the last one)."""
+    metric = "acc" if "val/acc" in history else "mse"
+
+    def tail_mean(tag: str) -> float:
+        points = history.get(tag, [])
+        if not points:
+            return float("nan")
+        last = points[-1][0]
+        window = [v for r, v in points if r > last - max(1, math.ceil(0.01 * rounds))]
+        return statistics.fmean(window)
+
+    return {
+        "metric": metric,
+        "value": tail_mean(f"val/{metric}"),
+        "value_unweighted": tail_mean(f"val/{metric}_unweighted"),
+        "value_worst": tail_mean(f"val/{metric}_worst"),
+        "routing_ari": tail_mean("val/routing_ari"),
+    }
+
+
+def parameter_overhead(task: str, method: str, extra: list[str]) -> tuple[int, int]:
+    """(base parameters, extra federated parameters) of a method on a task, without training."""
+    from .cli import main
+
+    configs = [arg for cfg in TASKS[task] for arg in ("--config", str(ROOT / cfg))]
+    fedavg = main([*configs, *METHODS["fedavg"][1], *extra], run=False).model
+    model = main([*configs, *METHODS[method][1], *extra], run=False).model
+    base = sum(p.numel() for p in fedavg.parameters())
+    federated = sum(t.numel() for n, t in model.federated_state().items() if t.is_floating_point())
+    buffers = sum(b.numel() for n, b in fedavg.named_buffers() if b.is_floating_point())
+    return base, federated - buffers - base
+
+
+def load_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def compare(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    done = {(r["task"], r["method"], r["seed"], r["rounds"]) for r in load_rows(csv_path)}
+    overhead: dict[tuple[str, str], tuple[int, int]] = {}
+    start = time.perf_counter()
+    for task in args.tasks:
+        for method in args.methods:
+            for seed in args.seeds:
+                key = (task, method, str(seed), str(args.rounds))
+                if key in done:
+                    continue
+                log_dir = out / "runs" / task / method / f"seed{seed}"
+                command = cell_command(task, method, seed, args.rounds, log_dir, args.override)
+                print(f"[{time.perf_counter() - start:7.0f}s] {task} / {method} / seed {seed}", flush=True)
+                t0 = time.perf_counter()
+                result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if result.returncode != 0:
+                    print(result.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"cell {key} failed (exit {result.returncode}); command: {' '.join(command)}")
+                if (task, method) not in overhead:
+                    overhead[task, method] = parameter_overhead(task, method, args.override)
+                base, extra_params = overhead[task, method]
+                row = {
+                    "task": task, "method": method, "seed": seed, "rounds": args.rounds,
+                    **summarise_cell(read_history(log_dir), args.rounds),
+                    "base_params": base, "extra_params": extra_params,
+                    "extra_percent": round(100.0 * extra_params / base, 2),
+                    "wall_s": round(wall, 1), "log_dir": str(log_dir.relative_to(out)),
+                }  # fmt: skip
+                append_row(csv_path, row)
+    report(out, args, time.perf_counter() - start)
+
+
+def report(out: Path, args: argparse.Namespace, wall: float) -> None:
+    """Write ``results.md`` and the curves from ``results.csv`` (rows of the requested grid only)."""
+    rows = [
+        r
+        for r in load_rows(out / "results.csv")
+        if r["task"] in args.tasks and r["method"] in args.methods and r["rounds"] == str(args.rounds)
+    ]
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        cells[r["method"], r["task"]].append(float(r["value"]))
+    metric = {r["task"]: r["metric"] for r in rows}
+    best = {}
+    for task in args.tasks:
+        means = {m: statistics.fmean(cells[m, task]) for m in args.methods if cells.get((m, task))}
+        if means:
+            pick = max if metric.get(task) == "acc" else min
+            best[task] = pick(means, key=means.get)
+
+    def fmt(method: str, task: str) -> str:
+        values = cells.get((method, task))
+        if not values:
+            return "-"
+        scale = 100.0 if metric[task] == "acc" else 1.0
+        mean = statistics.fmean(values) * scale
+        std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+        text = f"{mean:.1f} ({std:.1f})" if metric[task] == "acc" else f"{mean:.4f} ({std:.4f})"
+        return f"**{text}**" if best.get(task) == method else text
+
+    lines = [
+        "# Personalised test " + ("accuracy %" if "acc" in metric.values() else "metric"),
+        "",
+        f"Command: `python -m floral_lightning.experiments compare --tasks {' '.join(args.tasks)} "
+        f"--methods {' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}"
+        + "".join(f" --override={o}" for o in args.override)
+        + f" --out {args.out}`",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
+        f"this invocation's wall time {wall:.0f} s; {args.rounds} rounds per run; value = mean over seeds "
+        "(std) of the evaluations in the last 1 % of rounds; accuracy is the sample-weighted mean over clients.",
+        "",
+        "| method | " + " | ".join(args.tasks) + " |",
+        "|---|" + "---|" * len(args.tasks),
+    ]
+    for method in args.methods:
+        lines.append(f"| {METHODS[method][0]} | " + " | ".join(fmt(method, t) for t in args.tasks) + " |")
+    lines += ["", "## Parameter overhead (federated parameters beyond the base model)", "",
+              "| method | task | base | extra | % increase |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    seen = set()
+    for r in rows:
+        if (r["method"], r["task"]) not in seen:
+            seen.add((r["method"], r["task"]))
+            lines.append(
+                f"| {METHODS[r['method']][0]} | {r['task']} | {int(r['base_params']):,} | "
+                f"{int(r['extra_params']):,} | {float(r['extra_percent']):.2f} |"
+            )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_curves(out, rows, args)
+
+
+def plot_curves(out: Path, rows: list[dict[str, str]], args: argparse.Namespace) -> None:
+    """One PNG per task: the personalised metric vs round, mean over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for task in args.tasks:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in args.methods:
+            runs = [r for r in rows if r["task"] == task and r["method"] == method]
+            curves = []
+            for r in runs:
+                history = read_history(out / r["log_dir"])
+                curves.append(dict(history.get(f"val/{r['metric']}", [])))
+            if not curves:
+                continue
+            common = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(common, [statistics.fmean(c[x] for c in curves) for x in common], label=METHODS[method][0])
+        ax.set_xlabel("round")
+        ax.set_ylabel("personalised " + ("accuracy" if any(r["metric"] == "acc" for r in rows) else "MSE"))
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"curves_{task}.png", dpi=120)
+        plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m floral_lightning.experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("compare", help="run (or resume) a grid and write the report")
+    run.add_argument("--tasks", nargs="+", required=True, choices=sorted(TASKS))
+    run.add_argument("--methods", nargs="+", required=True, choices=list(METHODS))
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run.add_argument("--rounds", type=int, required=True, help="rounds per run (the configs' max_epochs)")
+    run.add_argument("--out", required=True, help="folder for results.csv, results.md, curves and runs/")
+    run.add_argument("--override", action="append", default=[],
+                     help="extra train.py argument for every cell, repeatable (e.g. a data source)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "compare":
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()

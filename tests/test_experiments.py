@@ -1,0 +1,38 @@
+"""The experiment runner: a tiny grid, its report, and resuming without redoing finished cells."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from floral_lightning.experiments import main, summarise_cell
+
+pytestmark = pytest.mark.slow
+
+
+def test_grid_report_and_resume(tmp_path, capsys):
+    args = ["compare", "--tasks", "synthetic_linear", "--methods", "fedavg", "floral1", "--seeds", "0",
+            "--rounds", "3", "--out", str(tmp_path)]  # fmt: skip
+    main(args)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {(r["method"], r["seed"]) for r in rows} == {("fedavg", "0"), ("floral1", "0")}
+    assert all(float(r["value"]) > 0 and r["metric"] == "mse" for r in rows)
+    fedavg, floral = sorted(rows, key=lambda r: r["method"])
+    assert int(fedavg["extra_params"]) == 0 and int(floral["extra_params"]) > 0
+    report = (tmp_path / "results.md").read_text()
+    assert "| FedAvg |" in report and "**" in report and "% increase" in report
+    assert (tmp_path / "curves_synthetic_linear.png").stat().st_size > 1000
+
+    capsys.readouterr()
+    main(args)  # everything is done: nothing runs again
+    assert "synthetic_linear / " not in capsys.readouterr().out
+    assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 2
+
+
+def test_cell_value_is_the_mean_of_the_last_percent_of_rounds():
+    history = {"val/acc": [(r, r / 1000) for r in range(10, 1001, 10)]}
+    # 1 % of 1000 rounds = the last 10 rounds: only the round-1000 evaluation falls inside (round > 990)
+    assert summarise_cell(history, 1000)["value"] == pytest.approx(1.0)
+    history = {"val/acc": [(r, r / 1000) for r in range(1, 1001)]}
+    assert summarise_cell(history, 1000)["value"] == pytest.approx(sum(range(991, 1001)) / 10 / 1000)
