@@ -85,7 +85,12 @@ _VIRIDIS = torch.tensor(
 
 
 def mixture_heatmap(mixtures: torch.Tensor, cell_width: int = 16, max_height: int = 512) -> torch.Tensor:
-    """Render a clients x adaptors matrix in [0, 1] as a uint8 RGB image ``[3, H, W]`` (viridis colours)."""
+    """Render a clients x adaptors matrix in [0, 1] as a uint8 RGB image ``[3, H, W]`` (viridis colours).
+
+    More clients than ``max_height`` are shown as ``max_height`` evenly spaced rows, so the image stays small.
+    """
+    if mixtures.shape[0] > max_height:
+        mixtures = mixtures[torch.linspace(0, mixtures.shape[0] - 1, max_height).round().long()]
     k, c = mixtures.shape
     row_height = max(1, min(16, max_height // max(k, 1)))
     x = mixtures.detach().float().cpu().clamp(0, 1) * (len(_VIRIDIS) - 1)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ensemble import EnsembleModel
 from .metrics import PerClientMean, adjusted_rand_index, mixture_heatmap, summarize_clients
 from .model import FloralModel
 
@@ -144,7 +145,8 @@ class FloralModule(L.LightningModule):
 
     @property
     def is_floral(self) -> bool:
-        return isinstance(self.model, FloralModel)
+        """Whether the model has a router of client mixtures (FLoRAL, or the Ensemble baseline)."""
+        return isinstance(self.model, (FloralModel, EnsembleModel))
 
     # --- the model ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, client_ids: int | torch.Tensor) -> torch.Tensor:
@@ -263,10 +265,16 @@ class FloralModule(L.LightningModule):
         x, y, client_ids = batch
         if isinstance(client_ids, int):
             client_ids = torch.full((len(x),), client_ids, dtype=torch.long, device=x.device)
-        scores = self.compute_metrics(self(x, client_ids), y)
+        scores = self.compute_metrics(self.evaluation_outputs(x, client_ids), y)
         metrics = self._split_metrics(split, scores)
         for name, values in scores.items():
             metrics[name].update(values, client_ids)
+
+    def evaluation_outputs(self, x: torch.Tensor, client_ids: torch.Tensor) -> torch.Tensor:
+        """What evaluation scores: each sample's prediction by its own client's model (``client_ids`` [B]).
+
+        Methods whose clients keep private weights (``floral_lightning.methods``) override this."""
+        return self(x, client_ids)
 
     def _split_metrics(self, split: str, names) -> nn.ModuleDict:
         # Created lazily: the metric names come from compute_metrics, which a subclass may change.

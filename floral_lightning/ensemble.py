@@ -1,0 +1,180 @@
+"""``EnsembleModel``: C full copies of the base network mixed per client on the logits (spec §4, FedEM-like).
+
+Client k's output is ``sum_c w_{k,c} * model_c(x)`` with ``w_k`` from the same router as FLoRAL
+(``ClientMixtures``). The C members are stored *stacked*: every parameter and buffer of the base network is
+one tensor with a leading dimension C, so the members play the role FLoRAL's adaptors play (role
+``"adaptor"``, slice c averaged with p(k|c)) and the round loop and the aggregation rule need no change.
+The model has the interface ``FloralModule`` uses from ``FloralModel``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from .model import ParameterOverhead, Role
+from .router import ClientMixtures
+
+
+def _reset_parameters_(module: nn.Module) -> bool:
+    """Call ``reset_parameters()`` of every submodule that has one; whether any did."""
+    found = False
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            found = True
+    return found
+
+
+class EnsembleModel(nn.Module):
+    """C independently initialised copies of ``base`` and a router of K private mixtures.
+
+    Member 0 keeps the initial weights of ``base`` (so C = 1 is FedAvg from the same start); members 1..C-1
+    are re-initialised with ``reset_parameters()`` of their submodules, drawing from the global RNG (seed it
+    for reproducible members). The members live in ``members``, a copy of the base architecture whose
+    tensors are replaced by the stacked ones ``[C, *shape]`` (names as in ``base``: ``members.fc.weight``);
+    it is a container, not callable by itself. ``forward`` runs the members with ``torch.func.functional_call``
+    under ``torch.vmap`` (``randomness="different"``: each member draws its own dropout masks); when the base
+    has buffers and the model is training (batch-norm statistics updated in place) it loops over the members
+    instead.
+
+    Args:
+        base: the network (not modified; copied C times).
+        num_clients: K.
+        num_members: C.
+        router: keyword arguments of :class:`ClientMixtures` (temperature, noise, min_prob, ...).
+    """
+
+    def __init__(self, base: nn.Module, num_clients: int, num_members: int = 4, router: dict | None = None) -> None:
+        super().__init__()
+        if num_members < 1:
+            raise ValueError(f"num_members={num_members}: must be >= 1")
+        self.num_adaptors = num_members
+        members = [copy.deepcopy(base) for _ in range(num_members)]
+        for member in members[1:]:
+            if not _reset_parameters_(member):
+                warnings.warn(
+                    f"{type(base).__name__} has no submodule with reset_parameters(): the ensemble's members start "
+                    "identical and differ only through their mixtures",
+                    stacklevel=2,
+                )
+                break
+        params, buffers = stack_module_state(members)
+        self.members = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, value in params.items():
+                owner, attr = self._owner(name)
+                setattr(owner, attr, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+            for name, value in buffers.items():
+                owner, attr = self._owner(name)
+                owner._buffers[attr] = value.clone()  # keeps the buffer's persistence
+        self.router = ClientMixtures(num_clients, num_members, **(router or {}))
+        self._roles: dict[str, Role] = {
+            n: ("private" if n.startswith("router.") else "adaptor") for n, _ in self._named_tensors()
+        }
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        module_name, _, attr = name.rpartition(".")
+        return self.members.get_submodule(module_name), attr
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output on ``x``, stacked: ``[C, B, ...]``."""
+        params = dict(self.members.named_parameters())
+        buffers = dict(self.members.named_buffers())
+        if buffers and self.training:
+            # in-place statistics updates do not mix with vmap; slices are views, so updates reach the stack
+            outs = [
+                functional_call(
+                    self.members, ({n: p[c] for n, p in params.items()}, {n: b[c] for n, b in buffers.items()}), (x,)
+                )
+                for c in range(self.num_adaptors)
+            ]
+            return torch.stack(outs)
+
+        def one(p: dict, b: dict, inputs: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.members, (p, b), (inputs,))
+
+        return torch.vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        client_ids: int | torch.Tensor | None = None,
+        *,
+        mixture: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``sum_c w_c * member_c(x)`` with ``w`` the clients' mixtures: ``[C]`` for an ``int`` client id (one
+        mixture for the batch) or ``[B, C]`` for a ``LongTensor [B]``; ``mixture`` bypasses the router."""
+        if mixture is None:
+            if client_ids is None:
+                raise ValueError("EnsembleModel.forward needs client_ids (int or LongTensor [B]) or mixture=...")
+            mixture = self.router(client_ids)
+        if mixture.shape[-1] != self.num_adaptors or mixture.dim() not in (1, 2):
+            raise ValueError(
+                f"mixture of shape {tuple(mixture.shape)}: expected [{self.num_adaptors}] or "
+                f"[batch, {self.num_adaptors}]"
+            )
+        outs = self.member_outputs(x)
+        if mixture.dim() == 1:
+            return torch.einsum("c...,c->...", outs, mixture.to(outs.dtype))
+        if mixture.shape[0] != outs.shape[1]:
+            raise ValueError(f"per-sample mixture for {mixture.shape[0]} samples, but the batch has {outs.shape[1]}")
+        return torch.einsum("cb...,bc->b...", outs, mixture.to(outs.dtype))
+
+    # --- parameter roles (the interface of FloralModel) ---------------------------------------------------
+    def _named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.named_parameters()
+        yield from self.named_buffers()
+
+    @property
+    def roles(self) -> dict[str, Role]:
+        """``adaptor`` for the stacked members (leading dim C), ``private`` for the router."""
+        return dict(self._roles)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """None: every weight belongs to one member."""
+        return []
+
+    def adaptor_parameters(self, index: int | None = None) -> list[torch.Tensor]:
+        """The stacked members' parameters (leading dim C), or views of member ``index`` alone."""
+        params = list(self.members.parameters())
+        return params if index is None else [p[index] for p in params]
+
+    def private_parameters(self) -> list[nn.Parameter]:
+        """The router logits."""
+        return list(self.router.parameters())
+
+    def shared_buffers(self) -> list[torch.Tensor]:
+        return []
+
+    def adaptor_buffers(self) -> list[torch.Tensor]:
+        return list(self.members.buffers())
+
+    def federated_state(self) -> dict[str, torch.Tensor]:
+        """The stacked members (parameters and buffers) by name: what the server averages."""
+        return {n: t for n, t in self._named_tensors() if self._roles[n] != "private"}
+
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Member ``index``'s tensors by their name in ``base`` (views), e.g. to load into a copy of ``base``."""
+        return {n: t[index] for n, t in self.members.state_dict(keep_vars=True).items()}
+
+    def overhead(self) -> ParameterOverhead:
+        """``base``: one member's parameters; ``adaptors``: the C - 1 further members (+300 % for C = 4)."""
+        per_member = sum(p[0].numel() for p in self.members.parameters())
+        return ParameterOverhead(
+            base=per_member,
+            adaptors=(self.num_adaptors - 1) * per_member,
+            router=self.router.logits.numel(),
+            num_clients=self.router.num_clients,
+            num_adaptors=self.num_adaptors,
+        )
+
+    def precondition_gradients_(self, eps: float = 1e-5) -> None:
+        """No factors to precondition."""
