@@ -83,9 +83,22 @@ class FloralLayer(nn.Module):
         raise NotImplementedError
 
     # --- merging ---------------------------------------------------------------------------------------
-    def merged_module(self, w: torch.Tensor) -> nn.Module:
-        """A plain copy of ``base`` with the mixture ``w`` ([C]) folded into its weights (eval semantics)."""
+    def delta_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The change ``alpha * sum_c w_c delta_c`` to the base weight and bias for a mixture ``w`` [C]."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def merged_module(self, w: torch.Tensor) -> nn.Module:
+        """A plain copy of ``base`` with the mixture ``w`` ([C]) folded into its weights (eval semantics).
+
+        This default adds ``delta_weight(w)`` to the copy's ``weight`` and ``bias``.
+        """
+        merged = self._copy_base()
+        dw, db = self.delta_weight(w)
+        merged.weight.add_(dw)
+        if db is not None:
+            merged.bias.add_(db)
+        return merged
 
     def _copy_base(self) -> nn.Module:
         return copy.deepcopy(self.base)

@@ -251,15 +251,6 @@ class FloralConv(FloralLayer):
         return out
 
     @torch.no_grad()
-    def merged_module(self, w: torch.Tensor) -> nn.Module:
-        merged = self._copy_base()
-        dw, db = self.delta_weight(w)
-        merged.weight.add_(dw)
-        if db is not None:
-            merged.bias.add_(db)
-        return merged
-
-    @torch.no_grad()
     def precondition_gradients_(self, eps: float = 1e-5) -> None:
         """Divide adaptor c's grad of each factor by ``||G_c||_F + eps``, G_c the Gram of its other factor.
 

@@ -75,15 +75,6 @@ class FloralLinear(FloralLayer):
         return out
 
     @torch.no_grad()
-    def merged_module(self, w: torch.Tensor) -> nn.Linear:
-        merged = self._copy_base()
-        dw, db = self.delta_weight(w)
-        merged.weight.add_(dw)
-        if db is not None:
-            merged.bias.add_(db)
-        return merged
-
-    @torch.no_grad()
     def precondition_gradients_(self, eps: float = 1e-5) -> None:
         """``grad A <- (B^T B + eps I)^-1 grad A`` and ``grad B <- grad B (A A^T + eps I)^-1`` per adaptor."""
         a, b = self.adaptor_A, self.adaptor_B
