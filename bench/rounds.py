@@ -39,17 +39,25 @@ SEED = 0
 
 
 class RoundTimer(Callback):
-    """Stamps ``time.perf_counter()`` at the start of every epoch (= federated round)."""
+    """Stamps wall time (``time.perf_counter``) and process CPU time at the start of every epoch (= round).
 
-    def __init__(self) -> None:
-        self.starts: list[float] = []
+    A round is the time between consecutive stamps, so it includes everything Lightning does between epochs
+    (dataloader reload, epoch-end hooks). The ``stop_at``-th stamp only closes the last timed round: the
+    trainer is told to stop there, so that epoch trains no batch.
+    """
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.starts: list[tuple[float, float]] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append((time.perf_counter(), time.process_time()))
+        if self.stop_at is not None and len(self.starts) >= self.stop_at:
+            trainer.should_stop = True
 
-    def round_times(self) -> list[float]:
-        """Seconds of every round that has a successor (start to next start)."""
-        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+    def round_times(self) -> list[tuple[float, float]]:
+        """(wall, CPU) seconds of every round that has a successor (start to next start)."""
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.starts, self.starts[1:])]
 
 
 def quiet_trainer(epochs: int, callbacks: list[Callback]) -> L.Trainer:
@@ -70,12 +78,9 @@ def quiet_trainer(epochs: int, callbacks: list[Callback]) -> L.Trainer:
 
 def timed_fit(
     module: L.LightningModule, data: L.LightningDataModule, callback: FederatedCallback, warmup: int, rounds: int
-) -> list[float]:
-    """Fit for ``warmup + rounds + 1`` rounds and return the times of the ``rounds`` after the warm-up.
-
-    The extra last round only provides the end stamp of the last timed round.
-    """
-    timer = RoundTimer()
+) -> list[tuple[float, float]]:
+    """Fit ``warmup + rounds`` rounds and return the (wall, CPU) seconds of the ``rounds`` after the warm-up."""
+    timer = RoundTimer(stop_at=warmup + rounds + 1)
     trainer = quiet_trainer(warmup + rounds + 1, [callback, timer])
     torch.manual_seed(SEED + 1)  # the router's training noise: the same draws as the floor loop's
     trainer.fit(module, datamodule=data)
@@ -155,15 +160,15 @@ class FloorLoop:
             adaptor_total = joint if adaptor_total is None else adaptor_total + joint
         return shared_total + n, adaptor_total
 
-    def timed_rounds(self, warmup: int, rounds: int) -> list[float]:
-        """Run ``warmup + rounds + 1`` rounds (as many as the trainer) and time the ``rounds`` after the warm-up."""
+    def timed_rounds(self, warmup: int, rounds: int) -> list[tuple[float, float]]:
+        """Run ``warmup + rounds`` rounds (as the trainer) and return (wall, CPU) seconds of the timed ones."""
         torch.manual_seed(SEED + 1)
         times = []
-        for r in range(warmup + rounds + 1):
-            start = time.perf_counter()
+        for r in range(warmup + rounds):
+            wall, cpu = time.perf_counter(), time.process_time()
             self.run_round(r)
-            times.append(time.perf_counter() - start)
-        return times[warmup : warmup + rounds]
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        return times[warmup:]
 
 
 @dataclass(frozen=True)
@@ -173,8 +178,8 @@ class RoundSizes:
     test_per_client: int = 16
     batch_size: int = 64
     warmup: int = 1
-    rounds: int = 4
-    blocks: int = 3
+    rounds: int = 2
+    blocks: int = 6
 
 
 FULL = RoundSizes()
@@ -220,12 +225,12 @@ def measure(sizes: RoundSizes) -> dict[str, dict]:
     """Round times of the four runs (method x runner), interleaved in blocks, and the floor's fidelity."""
     data = cifar_like_data(sizes)
     methods = {"FLoRAL": 4, "FedAvg": 0}
-    runners: dict[str, Callable[[FloralModule], list[float]]] = {
+    runners: dict[str, Callable[[FloralModule], list[tuple[float, float]]]] = {
         "trainer": lambda m: timed_fit(m, data, FederatedCallback(1.0, seed=SEED), sizes.warmup, sizes.rounds),
         "floor": lambda m: FloorLoop(m, data, 1.0).timed_rounds(sizes.warmup, sizes.rounds),
     }
     runs = [(method, runner) for method in methods for runner in runners]
-    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {run: [] for run in runs}
     finals: dict[tuple[str, str], FloralModule] = {}
     for block in range(sizes.blocks):
         for method, runner in rotated(runs, block):
@@ -241,33 +246,49 @@ def measure(sizes: RoundSizes) -> dict[str, dict]:
     }
 
 
+def _wall(samples: list[tuple[float, float]]) -> list[float]:
+    return [w for w, _ in samples]
+
+
+def _cpu(samples: list[tuple[float, float]]) -> list[float]:
+    return [c for _, c in samples]
+
+
 def run(quick: bool = False) -> list[Section]:
     """The ``round`` and ``fedavg_vs_floral`` sections."""
     sizes = QUICK if quick else FULL
     result = measure(sizes)
     times, steps = result["times"], result["steps_per_round"]
+    wall = {key: median(_wall(samples)) for key, samples in times.items()}
+    cpu = {key: median(_cpu(samples)) for key, samples in times.items()}
     round_figures = []
     for method in ("FLoRAL", "FedAvg"):
-        trainer, floor = median(times[(method, "trainer")]), median(times[(method, "floor")])
-        overhead_ms = (trainer - floor) / steps * 1e3
+        trainer, floor = (method, "trainer"), (method, "floor")
         round_figures += [
             Figure(
                 f"{method} round, hand-written floor",
-                round(floor * 1e3, 2),
+                round(wall[floor] * 1e3, 2),
                 "ms/round",
                 ratio=1.0,
                 detail={
-                    "round_ms": spread(times[(method, "floor")], 1e3),
+                    "round_ms": spread(_wall(times[floor]), 1e3),
+                    "cpu_ms": spread(_cpu(times[floor]), 1e3),
                     "max_abs_difference_to_trainer": result["max_abs_difference"][method],
                 },
             ),
             Figure(
                 f"{method} round, Trainer + FederatedCallback",
-                round(trainer * 1e3, 2),
+                round(wall[trainer] * 1e3, 2),
                 "ms/round",
-                ratio=round(trainer / floor, 3),
+                ratio=round(wall[trainer] / wall[floor], 3),
                 target=ROUND_TARGET,
-                detail={"round_ms": spread(times[(method, "trainer")], 1e3), "overhead_ms_per_step": overhead_ms},
+                detail={
+                    "round_ms": spread(_wall(times[trainer]), 1e3),
+                    "cpu_ms": spread(_cpu(times[trainer]), 1e3),
+                    "cpu_ratio": round(cpu[trainer] / cpu[floor], 3),
+                    "overhead_ms_per_step": round((wall[trainer] - wall[floor]) / steps * 1e3, 3),
+                    "cpu_overhead_ms_per_step": round((cpu[trainer] - cpu[floor]) / steps * 1e3, 3),
+                },
             ),
         ]
     params = {**vars(sizes), "steps_per_round": steps, "clients_per_round": sizes.num_clients}
@@ -277,27 +298,32 @@ def run(quick: bool = False) -> list[Section]:
         "start-to-start of on_train_epoch_start (validation/logger/checkpoints/progress bar off); the floor is a "
         "plain PyTorch loop over the same RoundLoader batches with the same SGD groups and the same p(k)/p(k|c) "
         f"averaging. {sizes.blocks} block(s), each running every (method, runner) pair once in rotated order; "
-        f"each run: {sizes.warmup} warm-up round, {sizes.rounds} timed rounds. value = median round time, "
-        "ratio = trainer / floor. max_abs_difference_to_trainer: largest difference between the final weights "
-        "of the floor and of the trainer (same seeds): ~0 means the floor did exactly the same work."
+        f"each run: {sizes.warmup} warm-up round, {sizes.rounds} timed rounds. value = median wall time "
+        "(perf_counter) of a round, ratio = trainer / floor; the detail also has process CPU time (process_time), "
+        "which is less disturbed by other processes' load when torch uses one thread. "
+        "max_abs_difference_to_trainer: largest difference between the final weights of the floor and of the "
+        "trainer (same seeds): 0 means the floor did exactly the same work."
     )
-    floral, fedavg = median(times[("FLoRAL", "trainer")]), median(times[("FedAvg", "trainer")])
-    floral_floor, fedavg_floor = median(times[("FLoRAL", "floor")]), median(times[("FedAvg", "floor")])
+    fl, fa = ("FLoRAL", "trainer"), ("FedAvg", "trainer")
+    fl_floor, fa_floor = ("FLoRAL", "floor"), ("FedAvg", "floor")
     versus = [
         Figure(
             "FLoRAL / FedAvg round time, Trainer",
-            round(floral * 1e3, 2),
+            round(wall[fl] * 1e3, 2),
             "ms/round",
-            ratio=round(floral / fedavg, 3),
+            ratio=round(wall[fl] / wall[fa], 3),
             target=FLORAL_VS_FEDAVG_TARGET,
-            detail={"fedavg_ms": round(fedavg * 1e3, 2)},
+            detail={"fedavg_ms": round(wall[fa] * 1e3, 2), "cpu_ratio": round(cpu[fl] / cpu[fa], 3)},
         ),
         Figure(
             "FLoRAL / FedAvg round time, floor",
-            round(floral_floor * 1e3, 2),
+            round(wall[fl_floor] * 1e3, 2),
             "ms/round",
-            ratio=round(floral_floor / fedavg_floor, 3),
-            detail={"fedavg_ms": round(fedavg_floor * 1e3, 2)},
+            ratio=round(wall[fl_floor] / wall[fa_floor], 3),
+            detail={
+                "fedavg_ms": round(wall[fa_floor] * 1e3, 2),
+                "cpu_ratio": round(cpu[fl_floor] / cpu[fa_floor], 3),
+            },
         ),
     ]
     versus_text = (

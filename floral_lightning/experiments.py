@@ -53,6 +53,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         [f"--model.class_path={_METHODS}.EnsembleModule", "--model.init_args.router.oracle=true"],
     ),
     "floral1": ("FLoRAL(1%)", ["--model.init_args.rank=0.01"]),
+    "floral1_noprecond": (
+        "FLoRAL(1%) no precond.",
+        ["--model.init_args.rank=0.01", "--model.init_args.precondition=false"],
+    ),
     "floral1_oracle": ("FLoRAL(1%) (oracle)", ["--model.init_args.rank=0.01", "--model.init_args.router.oracle=true"]),
     "floral10": ("FLoRAL(10%)", ["--model.init_args.rank=0.1"]),
     "floral10_oracle": ("FLoRAL(10%) (oracle)", ["--model.init_args.rank=0.1", "--model.init_args.router.oracle=true"]),

@@ -1,0 +1,454 @@
+"""The baselines (spec §4): private state stays private, evaluation is personalised, and each reduces to FedAvg
+where it should."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from callbacks import FederatedCallback, sample_clients
+from floral_lightning.aggregation import ClientUpdate, aggregate
+from floral_lightning.data import FederatedDataModule, RandomImages, SyntheticLinear
+from floral_lightning.ensemble import EnsembleModel
+from floral_lightning.methods import (
+    ClientStates,
+    DittoModule,
+    EnsembleModule,
+    FedAvgModule,
+    FedProxModule,
+    FineTuneModule,
+    LocalAdaptorModule,
+    RegressionDittoModule,
+    RegressionEnsembleModule,
+    RegressionFedAvgModule,
+    RegressionFedProxModule,
+    RegressionFineTuneModule,
+    RegressionLocalAdaptorModule,
+    per_client_outputs,
+)
+from floral_lightning.models import MLP
+from floral_lightning.module import ClientOptimizer, RouterOptions
+from floral_lightning.tasks import RegressionModule
+
+OPTIMIZER = ClientOptimizer(lr=0.05, router_lr=0.1)
+
+
+def linear_data(num_clients: int = 6, seed: int = 0) -> FederatedDataModule:
+    return FederatedDataModule(
+        SyntheticLinear(samples_per_client=20), num_clients=num_clients, num_clusters=2, batch_size=4, seed=seed
+    )
+
+
+def image_data(num_clients: int = 4) -> FederatedDataModule:
+    return FederatedDataModule(
+        RandomImages(160, 80, shape=(1, 6, 6), num_classes=4),
+        num_clients=num_clients,
+        num_clusters=2,
+        cluster_transform="label_shift",
+        batch_size=16,
+        eval_batch_size=50,  # batches that span clients
+    )
+
+
+def linear(cls, num_clients: int = 6, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return cls(nn.Linear(10, 3), num_clients=num_clients, **({"optimizer": OPTIMIZER} | kwargs))
+
+
+def trainer(rounds: int, callback: FederatedCallback, validate: bool = False, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=rounds,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if validate else 0,
+        **kwargs,
+    )
+
+
+def fit(module, data, rounds: int, callback: FederatedCallback | None = None, **kwargs) -> L.Trainer:
+    t = trainer(rounds, callback or FederatedCallback(), **kwargs)
+    t.fit(module, datamodule=data)
+    return t
+
+
+def validate(t: L.Trainer, module, data) -> dict[str, float]:
+    t.limit_val_batches = 1.0
+    (metrics,) = t.validate(module, datamodule=data, verbose=False)
+    return metrics
+
+
+class Recorder(FederatedCallback):
+    """Keeps the round's starting global weights and, per client, what it loaded and what it reports."""
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self.start = copy.deepcopy(self._global)
+        self.updates: list[ClientUpdate] = []
+        self.loaded: dict[int, dict[str, torch.Tensor]] = {}
+        self.trained: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _start_client(self, trainer, pl_module, client_id):
+        super()._start_client(trainer, pl_module, client_id)
+        if hasattr(pl_module, "private_tensors"):
+            self.loaded[client_id] = {n: t.detach().clone() for n, t in pl_module.private_tensors().items()}
+
+    def _finish_client(self, pl_module):
+        k = self._active_client
+        if hasattr(pl_module, "private_tensors"):
+            self.trained[k] = {n: t.detach().clone() for n, t in pl_module.private_tensors().items()}
+        state = {n: t.detach().clone() for n, t in pl_module.federated_state().items()}
+        self.updates.append(ClientUpdate(k, state, int(self._train_sizes[k]), pl_module.client_logits(k).clone()))
+        super()._finish_client(pl_module)
+
+
+def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --- ClientStates ------------------------------------------------------------------------------------------
+def test_client_states_store_and_load_by_exact_name():
+    live = {"layer.weight": torch.randn(3, 2), "layer.count": torch.tensor(4)}
+    states = ClientStates(5, live)
+    assert states.num_clients == 5
+    assert {n: tuple(t.shape) for n, t in states.state_dict().items()} == {
+        "layer__weight": (5, 3, 2),
+        "layer__count": (5,),
+    }
+    assert torch.equal(states.client(3)["layer.weight"], live["layer.weight"])  # every client starts there
+    trained = {"layer.weight": torch.randn(3, 2), "layer.count": torch.tensor(9)}
+    states.store(1, trained)
+    states.load(1, live)
+    assert torch.equal(live["layer.weight"], trained["layer.weight"]) and int(live["layer.count"]) == 9
+    assert not torch.equal(states.client(0)["layer.weight"], trained["layer.weight"])
+    with pytest.raises(KeyError, match="missing"):
+        states.store(0, {"layer.weight": trained["layer.weight"]})
+    with pytest.raises(KeyError, match="unexpected"):
+        states.load(0, trained | {"other.layer.weight": torch.zeros(3, 2)})  # no substring matching
+    with pytest.raises(IndexError):
+        states.client(5)
+
+
+def test_per_client_outputs_puts_outputs_back_in_batch_order():
+    x = torch.arange(6.0)[:, None]
+    ids = torch.tensor([2, 0, 2, 1, 0, 2])
+    out = per_client_outputs(x, ids, lambda k, xk: xk * 10 + k)
+    assert torch.equal(out, x * 10 + ids[:, None])
+
+
+# --- Local Adaptor -----------------------------------------------------------------------------------------
+def test_local_adaptor_adaptors_are_never_averaged():
+    data = linear_data()
+    module = linear(RegressionLocalAdaptorModule, rank=1)
+    assert module.private_names == ("base.adaptor_A", "base.adaptor_B", "base.adaptor_bias")
+    assert set(module.private_names).isdisjoint(module.federated_roles())
+    assert set(module.private_names).isdisjoint(module.federated_state())
+    with torch.no_grad():  # every client starts from its own adaptor
+        for buffer in module.client_states.buffers():
+            buffer.normal_()
+    before = copy.deepcopy(module.client_states.state_dict())
+    recorder = Recorder(clients_per_round=3, seed=1)
+    fit(module, data, 1, recorder)
+
+    sampled = sample_clients(6, 3, 1, 0)
+    assert sorted(recorder.trained) == sampled
+    for k in range(6):
+        stored = module.client_states.client(k)
+        if k in sampled:
+            # it trained from its own stored adaptor, and its trained adaptor is what is stored now
+            assert_states_equal(recorder.loaded[k], {n: before[n.replace(".", "__")][k] for n in stored})
+            assert_states_equal(stored, recorder.trained[k])
+            assert not torch.equal(stored["base.adaptor_B"], before["base__adaptor_B"][k])
+        else:
+            assert_states_equal(stored, {n: before[n.replace(".", "__")][k] for n in stored})
+    # the aggregator saw the base only, and the new base is the plain average of the clients' bases
+    assert all(set(u.state) == {"base.base.weight", "base.base.bias"} for u in recorder.updates)
+    expected = aggregate(recorder.start, module.federated_roles(), recorder.updates)
+    for name, tensor in module.federated_state().items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+    assert module.client_mixtures() is None and module.model.router.frozen
+
+
+def test_local_adaptor_evaluates_each_client_with_its_own_adaptor():
+    data = linear_data()
+    module = linear(RegressionLocalAdaptorModule, rank=1)
+    t = fit(module, data, 2, FederatedCallback(clients_per_round=1.0))
+    module.eval()
+    errors = []
+    for x, y, ids in data.val_dataloader():
+        assert len(ids.unique()) > 1  # the batch mixes clients
+        with torch.no_grad():
+            out = module.evaluation_outputs(x, ids)
+            for i, k in enumerate(ids.tolist()):
+                reference = copy.deepcopy(module.model)
+                reference.load_state_dict(module.client_states.client(k), strict=False)
+                torch.testing.assert_close(out[i], reference(x[i : i + 1], k)[0])
+            # the live adaptor (the last client's) would give other predictions for the other clients
+            assert not torch.allclose(out, module(x, ids))
+        errors.append((out - y).pow(2).mean(1))
+    metrics = validate(t, module, data)
+    assert metrics["val/mse"] == pytest.approx(torch.cat(errors).mean().item(), rel=1e-5)
+
+
+# --- oracle routers ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["floral", "ensemble"])
+def test_oracle_router_never_changes(method):
+    router = RouterOptions(oracle=True, noise="uniform")
+    if method == "floral":
+        module = linear(RegressionModule, num_adaptors=2, rank=1, router=router)
+    else:
+        module = linear(RegressionEnsembleModule, num_members=2, router=router)
+    before = copy.deepcopy(module.federated_state())
+    fit(module, linear_data(), 2, FederatedCallback(clients_per_round=1.0))
+    expected = torch.full((6, 2), -100.0)
+    expected[torch.arange(6), torch.arange(6) % 2] = 0.0
+    assert module.model.router.frozen
+    assert torch.equal(module.model.router.logits.detach(), expected)
+    assert any(not torch.equal(t, before[n]) for n, t in module.federated_state().items())  # it did train
+
+
+# --- Ensemble ----------------------------------------------------------------------------------------------
+def test_ensemble_model_mixes_independent_members_on_the_outputs():
+    torch.manual_seed(0)
+    base = MLP(5, [8], 3)
+    model = EnsembleModel(base, num_clients=4, num_members=3, router={"noise": "none"})
+    with torch.no_grad():
+        model.router.logits.normal_()
+    weights = model.members.get_parameter("1.weight")
+    assert weights.shape == (3, 8, 5)
+    assert torch.equal(weights[0], base[1].weight)  # member 0 keeps the base's initialisation
+    assert not torch.equal(weights[1], weights[0]) and not torch.equal(weights[2], weights[1])
+    assert set(model.roles.values()) == {"adaptor", "private"} and model.shared_parameters() == []
+    assert "router.logits" not in model.federated_state()
+    overhead = model.overhead()
+    assert overhead.base == sum(p.numel() for p in base.parameters()) and overhead.adaptor_percent == 200.0
+
+    x = torch.randn(7, 5)
+    ids = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    members = [functional_call(base, model.member_state(c), (x,)) for c in range(3)]
+    w = model.router(2)
+    torch.testing.assert_close(model(x, 2), sum(w[c] * members[c] for c in range(3)))
+    w = model.router(ids)
+    torch.testing.assert_close(model(x, ids), sum(w[:, c : c + 1] * members[c] for c in range(3)))
+
+
+def test_ensemble_members_with_batch_norm_update_their_own_statistics():
+    torch.manual_seed(0)
+    model = EnsembleModel(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), num_clients=2, num_members=2)
+    stats = model.members.get_buffer("1.running_mean")
+    model(torch.randn(8, 4), 0).sum().backward()
+    assert stats.shape == (2, 6) and not torch.equal(stats[0], stats[1]) and stats.abs().sum() > 0
+    assert model.members.get_buffer("1.num_batches_tracked").tolist() == [1, 1]
+
+
+def test_ensemble_with_one_member_equals_fedavg():
+    torch.manual_seed(0)
+    base = MLP(36, [16], 4)
+    fedavg = FedAvgModule(copy.deepcopy(base), num_clients=4, optimizer=OPTIMIZER)
+    ensemble = EnsembleModule(copy.deepcopy(base), num_clients=4, num_members=1, optimizer=OPTIMIZER)
+    fit(fedavg, image_data(), 2, FederatedCallback(clients_per_round=2, seed=3))
+    fit(ensemble, image_data(), 2, FederatedCallback(clients_per_round=2, seed=3))
+    assert not torch.equal(fedavg.model[1].weight, base[1].weight)  # it trained
+    for name, tensor in fedavg.model.state_dict().items():
+        torch.testing.assert_close(ensemble.model.member_state(0)[name], tensor, msg=name)
+    fedavg.eval(), ensemble.eval()
+    data = image_data()
+    data.setup()
+    x, _, ids = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble.evaluation_outputs(x, ids), fedavg.evaluation_outputs(x, ids))
+
+
+# --- FedProx -----------------------------------------------------------------------------------------------
+def test_fedprox_with_mu_zero_is_fedavg_and_mu_keeps_clients_near_the_global_model():
+    runs = {}
+    for name, cls, kwargs in [
+        ("fedavg", RegressionFedAvgModule, {}),
+        ("mu0", RegressionFedProxModule, {"mu": 0.0}),
+        ("mu5", RegressionFedProxModule, {"mu": 5.0}),
+    ]:
+        module = linear(cls, **kwargs)
+        recorder = Recorder(clients_per_round=1.0)
+        fit(module, linear_data(), 2, recorder)
+        runs[name] = (module, recorder)
+    fedavg, mu0, mu5 = (runs[n][0].federated_state() for n in ("fedavg", "mu0", "mu5"))
+    assert fedavg.keys() == mu0.keys() == mu5.keys() == {"weight", "bias"}
+    for name in fedavg:
+        torch.testing.assert_close(mu0[name], fedavg[name], rtol=0, atol=0)
+        assert not torch.allclose(mu5[name], fedavg[name])
+
+    def drift(recorder):  # each client's distance from the global weights it started from (first round)
+        start = recorder.start
+        return torch.stack(
+            [sum((u.state[n] - start[n]).pow(2).sum() for n in start).sqrt() for u in recorder.updates[:6]]
+        )
+
+    assert (drift(runs["mu5"][1]) < drift(runs["fedavg"][1])).all()
+
+
+def test_fedprox_adds_its_term_to_floral():
+    module = linear(RegressionFedProxModule, mu=1.0, num_adaptors=2, rank=1)
+    assert module.is_floral
+    fit(module, linear_data(), 1, FederatedCallback(clients_per_round=1.0))
+    assert module.proximal_term() is None  # outside a client's training
+
+
+# --- Ditto -------------------------------------------------------------------------------------------------
+def test_ditto_global_model_is_fedavg_and_personal_models_stay_private():
+    fedavg = linear(RegressionFedAvgModule)
+    ditto = linear(RegressionDittoModule, lam=0.1)
+    assert set(ditto.federated_state()) == set(fedavg.federated_state()) == {"weight", "bias"}
+    before = copy.deepcopy(ditto.client_states.state_dict())
+    fit(fedavg, linear_data(), 2, FederatedCallback(clients_per_round=3, seed=4))
+    recorder = Recorder(clients_per_round=3, seed=4)
+    fit(ditto, linear_data(), 2, recorder)
+    assert all(set(u.state) == {"weight", "bias"} for u in recorder.updates)
+    for name, tensor in fedavg.federated_state().items():
+        torch.testing.assert_close(ditto.federated_state()[name], tensor, msg=name)  # the personal loss is separate
+
+    trained = set(sample_clients(6, 3, 4, 0)) | set(sample_clients(6, 3, 4, 1))
+    weights = ditto.client_states.get_buffer("weight")
+    for k in range(6):
+        changed = not torch.equal(weights[k], before["weight"][k])
+        assert changed == (k in trained), k
+    global_weight = ditto.model.weight.detach()
+    personal = [weights[k] for k in sorted(trained)]
+    assert all(not torch.allclose(p, global_weight) for p in personal)
+    assert not torch.allclose(personal[0], personal[1])
+
+
+def test_ditto_evaluates_each_clients_personal_model():
+    data = linear_data()
+    module = linear(RegressionDittoModule, lam=0.1)
+    t = fit(module, data, 2, FederatedCallback(clients_per_round=1.0))
+    first = validate(t, module, data)
+
+    # the personal models alone, evaluated by hand
+    errors = []
+    for x, y, ids in data.val_dataloader():
+        for i, k in enumerate(ids.tolist()):
+            personal = copy.deepcopy(module.personal)
+            personal.load_state_dict(module.client_states.client(k))
+            with torch.no_grad():
+                errors.append((personal(x[i : i + 1]) - y[i : i + 1]).pow(2).mean())
+    assert first["val/mse"] == pytest.approx(torch.stack(errors).mean().item(), rel=1e-5)
+
+    with torch.no_grad():  # wreck the global model: the evaluation must not move
+        for p in module.model.parameters():
+            p.add_(100.0)
+    assert validate(t, module, data) == first
+
+
+# --- FedAvg + fine-tuning ----------------------------------------------------------------------------------
+def test_finetune_changes_the_evaluated_weights_but_not_the_global_model():
+    data = linear_data()
+    fedavg = linear(RegressionFedAvgModule)
+    finetune = linear(RegressionFineTuneModule, finetune_epochs=2)
+    untuned = linear(RegressionFineTuneModule, finetune_epochs=0)
+    runs = [(m, fit(m, data, 2, FederatedCallback(clients_per_round=1.0), validate=True)) for m in (fedavg, finetune)]
+    # training unaffected by the per-round evaluations with fine-tuning
+    for name, tensor in fedavg.state_dict().items():
+        torch.testing.assert_close(finetune.state_dict()[name], tensor, msg=name)
+
+    (_, t_fedavg), (_, t_finetune) = runs
+    before = copy.deepcopy(finetune.state_dict())
+    tuned_metrics = validate(t_finetune, finetune, data)
+    assert_states_equal(finetune.state_dict(), before)  # global weights restored
+    assert validate(t_finetune, finetune, data) == tuned_metrics  # deterministic
+    fedavg_metrics = validate(t_fedavg, fedavg, data)
+    # the clients' own data pull each model towards its cluster: fine-tuning lowers the personalised error
+    assert tuned_metrics["val/mse"] < fedavg_metrics["val/mse"]
+
+    untuned.load_state_dict(fedavg.state_dict())
+    t_untuned = trainer(1, FederatedCallback())
+    assert validate(t_untuned, untuned, data) == pytest.approx(fedavg_metrics)
+
+    state = finetune.finetuned_state(3)
+    assert any(not torch.equal(state[n], t) for n, t in finetune.model.state_dict().items())
+
+
+def test_finetune_works_with_images_and_floral():
+    data = image_data()
+    torch.manual_seed(0)
+    module = FineTuneModule(MLP(36, [16], 4), num_clients=4, num_adaptors=2, rank=2, optimizer=OPTIMIZER)
+    t = fit(module, data, 1, FederatedCallback())
+    before = copy.deepcopy(module.state_dict())
+    assert "val/acc" in validate(t, module, data)
+    assert_states_equal(module.state_dict(), before)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+METHODS = {
+    "fedavg": (FedAvgModule, {}),
+    "local_adaptor": (LocalAdaptorModule, {"rank": 2}),
+    "ensemble": (EnsembleModule, {"num_members": 2}),
+    "fedprox": (FedProxModule, {"mu": 0.1}),
+    "ditto": (DittoModule, {"lam": 0.1}),
+    "finetune": (FineTuneModule, {"finetune_epochs": 1}),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_state_survives_a_checkpoint_round_trip(method, tmp_path):
+    cls, kwargs = METHODS[method]
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return cls(MLP(36, [16], 4), num_clients=4, optimizer=OPTIMIZER, **kwargs)
+
+    module = make(0)
+    t = fit(module, image_data(), 1, FederatedCallback(clients_per_round=2), default_root_dir=tmp_path)
+    path = tmp_path / "round1.ckpt"
+    t.save_checkpoint(path)
+    state = module.state_dict()
+    if method in ("local_adaptor", "ditto"):
+        private = [n for n in state if n.startswith("client_states.")]
+        assert private and all(state[n].shape[0] == 4 for n in private)
+
+    fresh = make(1)
+    assert any(not torch.equal(t, state[n]) for n, t in fresh.state_dict().items())
+    fresh.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    assert_states_equal(fresh.state_dict(), state)
+
+    torch.manual_seed(2)
+    reloaded = cls.load_from_checkpoint(path, base=MLP(36, [16], 4), weights_only=True)
+    assert type(reloaded) is cls and reloaded.hparams == module.hparams
+    assert_states_equal(reloaded.state_dict(), state)
+
+
+@pytest.mark.parametrize("cls", [RegressionLocalAdaptorModule, RegressionDittoModule])
+def test_private_state_resumes_exactly(cls, tmp_path):
+    def run(rounds, module, **kwargs):
+        t = trainer(rounds, FederatedCallback(clients_per_round=3, seed=2), default_root_dir=tmp_path)
+        t.fit(module, datamodule=linear_data(), **kwargs)
+        return t
+
+    kwargs = {"rank": 1} if cls is RegressionLocalAdaptorModule else {}
+    full = linear(cls, **kwargs)
+    run(4, full)
+    first = linear(cls, **kwargs)
+    t = run(2, first)
+    t.save_checkpoint(tmp_path / "round2.ckpt")
+    resumed = linear(cls, seed=5, **kwargs)
+    run(4, resumed, ckpt_path=tmp_path / "round2.ckpt")
+    for name, tensor in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, msg=name)
+
+
+def test_methods_fix_what_they_define():
+    with pytest.raises(ValueError, match="fixes num_adaptors=1"):
+        LocalAdaptorModule(nn.Linear(2, 2), num_adaptors=3)
+    with pytest.raises(ValueError, match="fixes num_adaptors=0"):
+        DittoModule(nn.Linear(2, 2), num_adaptors=2)
+    assert not FedAvgModule(nn.Linear(2, 2)).is_floral
+    assert EnsembleModule(nn.Linear(2, 2), num_members=2).is_floral
