@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks import FederatedCallback
+
 from .data import FederatedDataModule
 from .module import FloralModule
 
@@ -11,11 +13,14 @@ from .module import FloralModule
 class FloralCLI(LightningCLI):
     """LightningCLI whose model and data are ``FloralModule`` and ``FederatedDataModule`` (or subclasses).
 
-    ``model.init_args.num_clients`` is linked to ``data.init_args.num_clients``; configs are parsed with
-    omegaconf so ``${...}`` interpolation works; unknown keys are errors.
+    The round loop is always on: its options are the top-level ``federated`` section
+    (``--federated.clients_per_round=0.1``). ``model.init_args.num_clients`` is linked to
+    ``data.init_args.num_clients``; configs are parsed with omegaconf so ``${...}`` interpolation works;
+    unknown keys are errors.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(FederatedCallback, "federated")
         parser.link_arguments("data.init_args.num_clients", "model.init_args.num_clients")
 
 

@@ -180,3 +180,11 @@ def test_train_py_entry_point(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+
+
+def test_round_loop_options_are_a_top_level_section(capsys):
+    with pytest.raises(SystemExit):
+        run("fit", "--config", str(CONF / "mnist.yaml"), "--federated.clients_per_round=7",
+            "--federated.server_optimizer=adam", "--print_config")  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "clients_per_round: 7" in printed and "server_optimizer: adam" in printed
