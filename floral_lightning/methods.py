@@ -223,7 +223,9 @@ class LocalAdaptorModule(FloralModule):
 
     def client_outputs(self, x: torch.Tensor, client_id: int) -> torch.Tensor:
         """Client ``client_id``'s predictions: the current base with its own stored adaptor."""
-        return functional_call(self.model, self.client_states.client(client_id), (x, client_id))
+        # one id per sample: the factorised path, which for a client's few samples beats merging the weights
+        ids = torch.full((len(x),), client_id, dtype=torch.long, device=x.device)
+        return functional_call(self.model, self.client_states.client(client_id), (x, ids))
 
     def evaluation_outputs(self, x: torch.Tensor, client_ids: torch.Tensor) -> torch.Tensor:
         return per_client_outputs(x, client_ids, lambda k, xk: self.client_outputs(xk, k))
@@ -336,17 +338,21 @@ class DittoModule(FloralModule):
         self.lam = lam
         self.personal_lr = personal_lr
         self.personal = copy.deepcopy(self.model)
-        self.client_states = ClientStates(num_clients, _tensors(self.personal))
+        self.client_states = ClientStates(num_clients, self.private_tensors())
         self._anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def private_tensors(self) -> dict[str, torch.Tensor]:
+        """The live personal model's tensors (names inside ``personal``)."""
+        return _tensors(self.personal)
 
     def on_client_start(self, client_id: int) -> None:
         super().on_client_start(client_id)
-        self.client_states.load(client_id, _tensors(self.personal))
+        self.client_states.load(client_id, self.private_tensors())
         global_params = dict(self.model.named_parameters())
         self._anchor = [(v, global_params[n].detach().clone()) for n, v in self.personal.named_parameters()]
 
     def on_client_end(self, client_id: int) -> None:
-        self.client_states.store(client_id, _tensors(self.personal))
+        self.client_states.store(client_id, self.private_tensors())
         self._anchor = []
         super().on_client_end(client_id)
 
@@ -433,7 +439,7 @@ class FineTuneModule(FloralModule):
             params = [p for p in tuner.parameters() if p.requires_grad]
             optimizer = self._finetune_optimizer(params)
             n = len(y_all)
-            for epoch in range(0):
+            for epoch in range(self.finetune_epochs if n else 0):
                 g = seeded_generator(getattr(datamodule, "seed", 0), _FINETUNE_STREAM, round_idx, client_id, epoch)
                 torch.manual_seed(g.initial_seed())  # dropout
                 perm = torch.randperm(n, generator=g)

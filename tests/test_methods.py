@@ -93,21 +93,41 @@ class Recorder(FederatedCallback):
         super().on_fit_start(trainer, pl_module)
         self.start = copy.deepcopy(self._global)
         self.updates: list[ClientUpdate] = []
-        self.loaded: dict[int, dict[str, torch.Tensor]] = {}
-        self.trained: dict[int, dict[str, torch.Tensor]] = {}
+        # private tensors by (round, client): as loaded when the client started, as trained when it finished
+        self.loaded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.trained: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def _start_client(self, trainer, pl_module, client_id):
         super()._start_client(trainer, pl_module, client_id)
         if hasattr(pl_module, "private_tensors"):
-            self.loaded[client_id] = {n: t.detach().clone() for n, t in pl_module.private_tensors().items()}
+            self.loaded[self.round, client_id] = clone(pl_module.private_tensors())
 
     def _finish_client(self, pl_module):
         k = self._active_client
         if hasattr(pl_module, "private_tensors"):
-            self.trained[k] = {n: t.detach().clone() for n, t in pl_module.private_tensors().items()}
+            self.trained[self.round, k] = clone(pl_module.private_tensors())
         state = {n: t.detach().clone() for n, t in pl_module.federated_state().items()}
         self.updates.append(ClientUpdate(k, state, int(self._train_sizes[k]), pl_module.client_logits(k).clone()))
         super()._finish_client(pl_module)
+
+
+def clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in tensors.items()}
+
+
+def stored_states(module) -> dict[int, dict[str, torch.Tensor]]:
+    return {k: clone(module.client_states.client(k)) for k in range(module.client_states.num_clients)}
+
+
+def assert_private_protocol(module, recorder: Recorder, before: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Each client trained from its own stored state, and what it trained is stored; nothing else changed."""
+    expected = dict(before)
+    for (round_idx, k), loaded in sorted(recorder.loaded.items()):
+        assert_states_equal(loaded, expected[k])
+        assert any(not torch.equal(t, loaded[n]) for n, t in recorder.trained[round_idx, k].items())
+        expected[k] = recorder.trained[round_idx, k]
+    for k, state in stored_states(module).items():
+        assert_states_equal(state, expected[k])
 
 
 def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -156,24 +176,17 @@ def test_local_adaptor_adaptors_are_never_averaged():
     with torch.no_grad():  # every client starts from its own adaptor
         for buffer in module.client_states.buffers():
             buffer.normal_()
-    before = copy.deepcopy(module.client_states.state_dict())
+    before = stored_states(module)
     recorder = Recorder(clients_per_round=3, seed=1)
-    fit(module, data, 1, recorder)
-
-    sampled = sample_clients(6, 3, 1, 0)
-    assert sorted(recorder.trained) == sampled
-    for k in range(6):
-        stored = module.client_states.client(k)
-        if k in sampled:
-            # it trained from its own stored adaptor, and its trained adaptor is what is stored now
-            assert_states_equal(recorder.loaded[k], {n: before[n.replace(".", "__")][k] for n in stored})
-            assert_states_equal(stored, recorder.trained[k])
-            assert not torch.equal(stored["base.adaptor_B"], before["base__adaptor_B"][k])
-        else:
-            assert_states_equal(stored, {n: before[n.replace(".", "__")][k] for n in stored})
-    # the aggregator saw the base only, and the new base is the plain average of the clients' bases
+    fit(module, data, 2, recorder)
+    trained = set(sample_clients(6, 3, 1, 0)) | set(sample_clients(6, 3, 1, 1))
+    assert {k for _, k in recorder.trained} == trained and len(trained) < 6
+    assert_private_protocol(module, recorder, before)
+    for k in set(range(6)) - trained:
+        assert_states_equal(module.client_states.client(k), before[k])
+    # the aggregator saw the base only, and the new base is the plain average of the last round's clients' bases
     assert all(set(u.state) == {"base.base.weight", "base.base.bias"} for u in recorder.updates)
-    expected = aggregate(recorder.start, module.federated_roles(), recorder.updates)
+    expected = aggregate(recorder.start, module.federated_roles(), recorder.updates[3:])
     for name, tensor in module.federated_state().items():
         torch.testing.assert_close(tensor, expected[name], msg=name)
     assert module.client_mixtures() is None and module.model.router.frozen
@@ -209,12 +222,20 @@ def test_oracle_router_never_changes(method):
     else:
         module = linear(RegressionEnsembleModule, num_members=2, router=router)
     before = copy.deepcopy(module.federated_state())
-    fit(module, linear_data(), 2, FederatedCallback(clients_per_round=1.0))
+    recorder = Recorder(clients_per_round=1.0)
+    fit(module, linear_data(), 2, recorder)
     expected = torch.full((6, 2), -100.0)
     expected[torch.arange(6), torch.arange(6) % 2] = 0.0
     assert module.model.router.frozen
     assert torch.equal(module.model.router.logits.detach(), expected)
     assert any(not torch.equal(t, before[n]) for n, t in module.federated_state().items())  # it did train
+    if method == "ensemble":  # member c is the average of its own cluster's clients' member c (p(k|c))
+        last_round = recorder.updates[6:]
+        for name, tensor in module.federated_state().items():
+            for c in range(2):
+                own = [u for u in last_round if u.client_id % 2 == c]
+                mean = sum(u.num_samples * u.state[name][c] for u in own) / sum(u.num_samples for u in own)
+                torch.testing.assert_close(tensor[c], mean, msg=name)
 
 
 # --- Ensemble ----------------------------------------------------------------------------------------------
@@ -308,23 +329,37 @@ def test_ditto_global_model_is_fedavg_and_personal_models_stay_private():
     fedavg = linear(RegressionFedAvgModule)
     ditto = linear(RegressionDittoModule, lam=0.1)
     assert set(ditto.federated_state()) == set(fedavg.federated_state()) == {"weight", "bias"}
-    before = copy.deepcopy(ditto.client_states.state_dict())
+    assert set(ditto.federated_roles()) == {"weight", "bias"}
+    with torch.no_grad():  # every client starts from its own personal model
+        for buffer in ditto.client_states.buffers():
+            buffer.normal_()
+    before = stored_states(ditto)
     fit(fedavg, linear_data(), 2, FederatedCallback(clients_per_round=3, seed=4))
     recorder = Recorder(clients_per_round=3, seed=4)
     fit(ditto, linear_data(), 2, recorder)
+    # the aggregator never saw a personal model, and the global model trained exactly as FedAvg's
     assert all(set(u.state) == {"weight", "bias"} for u in recorder.updates)
     for name, tensor in fedavg.federated_state().items():
-        torch.testing.assert_close(ditto.federated_state()[name], tensor, msg=name)  # the personal loss is separate
+        torch.testing.assert_close(ditto.federated_state()[name], tensor, msg=name)
 
-    trained = set(sample_clients(6, 3, 4, 0)) | set(sample_clients(6, 3, 4, 1))
-    weights = ditto.client_states.get_buffer("weight")
-    for k in range(6):
-        changed = not torch.equal(weights[k], before["weight"][k])
-        assert changed == (k in trained), k
-    global_weight = ditto.model.weight.detach()
-    personal = [weights[k] for k in sorted(trained)]
-    assert all(not torch.allclose(p, global_weight) for p in personal)
-    assert not torch.allclose(personal[0], personal[1])
+    assert_private_protocol(ditto, recorder, before)
+    trained = {k for _, k in recorder.trained}
+    assert trained == set(sample_clients(6, 3, 4, 0)) | set(sample_clients(6, 3, 4, 1)) and len(trained) < 6
+    for k in set(range(6)) - trained:
+        assert_states_equal(ditto.client_states.client(k), before[k])
+
+
+def test_ditto_personal_models_are_pulled_towards_the_global_model():
+    def personal_distance(lam):
+        module = linear(RegressionDittoModule, lam=lam)
+        recorder = Recorder(clients_per_round=1.0)
+        fit(module, linear_data(), 1, recorder)
+        start = recorder.start
+        return torch.stack(
+            [sum((v[n] - start[n]).pow(2).sum() for n in start).sqrt() for v in recorder.trained.values()]
+        )
+
+    assert (personal_distance(5.0) < personal_distance(0.0)).all()
 
 
 def test_ditto_evaluates_each_clients_personal_model():
