@@ -27,43 +27,57 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: task name -> config files (later ones overlay earlier ones)
-TASKS: dict[str, list[str]] = {
-    "mnist_rotate": ["conf/mnist.yaml"],
-    "mnist_label_shift": ["conf/mnist_label_shift.yaml"],
-    "mnist_rotate_reduced": ["conf/mnist.yaml", "conf/reduced.yaml"],
-    "mnist_label_shift_reduced": ["conf/mnist_label_shift.yaml", "conf/reduced.yaml"],
-    "cifar10_rotate": ["conf/cifar.yaml"],
-    "cifar10_label_shift": ["conf/cifar_label_shift.yaml"],
-    "cifar10_rotate_reduced": ["conf/cifar.yaml", "conf/reduced.yaml"],
-    "cifar10_label_shift_reduced": ["conf/cifar_label_shift.yaml", "conf/reduced.yaml"],
-    "cifar100_reduced": ["conf/cifar100.yaml", "conf/reduced.yaml"],
-    "synthetic_linear": ["conf/synthetic_linear.yaml"],
-    "synthetic_mlp": ["conf/synthetic_mlp.yaml"],
+#: task name -> (config files, later ones overlaying earlier ones; number of clusters C)
+TASKS: dict[str, tuple[list[str], int]] = {
+    "mnist_rotate": (["conf/mnist.yaml"], 4),
+    "mnist_label_shift": (["conf/mnist_label_shift.yaml"], 4),
+    "mnist_rotate_reduced": (["conf/mnist.yaml", "conf/reduced.yaml"], 4),
+    "mnist_label_shift_reduced": (["conf/mnist_label_shift.yaml", "conf/reduced.yaml"], 4),
+    "cifar10_rotate": (["conf/cifar.yaml"], 4),
+    "cifar10_label_shift": (["conf/cifar_label_shift.yaml"], 4),
+    "cifar10_rotate_reduced": (["conf/cifar.yaml", "conf/reduced.yaml"], 4),
+    "cifar10_label_shift_reduced": (["conf/cifar_label_shift.yaml", "conf/reduced.yaml"], 4),
+    "cifar100_reduced": (["conf/cifar100.yaml", "conf/reduced.yaml"], 10),
+    "synthetic_linear": (["conf/synthetic_linear.yaml"], 2),
+    "synthetic_mlp": (["conf/synthetic_mlp.yaml"], 4),
 }
+REGRESSION_TASKS = ("synthetic_linear", "synthetic_mlp")
 
-_METHODS = "floral_lightning.methods"
-#: method name -> (label in the table, train.py overrides)
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "fedavg": ("FedAvg", ["--model.init_args.num_adaptors=0"]),
-    "local_adaptor": ("Local Adaptor", [f"--model.class_path={_METHODS}.LocalAdaptorModule"]),
-    "ensemble": ("Ensemble", [f"--model.class_path={_METHODS}.EnsembleModule"]),
-    "ensemble_oracle": (
-        "Ensemble (oracle)",
-        [f"--model.class_path={_METHODS}.EnsembleModule", "--model.init_args.router.oracle=true"],
-    ),
-    "floral1": ("FLoRAL(1%)", ["--model.init_args.rank=0.01"]),
-    "floral1_noprecond": (
-        "FLoRAL(1%) no precond.",
-        ["--model.init_args.rank=0.01", "--model.init_args.precondition=false"],
-    ),
-    "floral1_oracle": ("FLoRAL(1%) (oracle)", ["--model.init_args.rank=0.01", "--model.init_args.router.oracle=true"]),
-    "floral10": ("FLoRAL(10%)", ["--model.init_args.rank=0.1"]),
-    "floral10_oracle": ("FLoRAL(10%) (oracle)", ["--model.init_args.rank=0.1", "--model.init_args.router.oracle=true"]),
-    "finetune": ("FedAvg + fine-tuning", [f"--model.class_path={_METHODS}.FineTuneModule"]),
-    "ditto": ("Ditto", [f"--model.class_path={_METHODS}.DittoModule"]),
-    "fedprox": ("FedProx", [f"--model.class_path={_METHODS}.FedProxModule"]),
-}
+FEDAVG = ["--model.init_args.num_adaptors=0"]
+ORACLE = ["--model.init_args.router.oracle=true"]
+#: method name -> (label in the table, class in floral_lightning.methods or None for the config's own
+#: module, train.py overrides). ``{C}`` in an override is replaced by the task's number of clusters.
+METHODS: dict[str, tuple[str, str | None, list[str]]] = {
+    "fedavg": ("FedAvg", None, FEDAVG),
+    "local_adaptor": ("Local Adaptor", "LocalAdaptorModule", []),
+    "ensemble": ("Ensemble", "EnsembleModule", ["--model.init_args.num_members={C}"]),
+    "ensemble_oracle": ("Ensemble (oracle)", "EnsembleModule", ["--model.init_args.num_members={C}", *ORACLE]),
+    "floral1": ("FLoRAL(1%)", None, ["--model.init_args.rank=0.01"]),
+    "floral1_noprecond": ("FLoRAL(1%) no precond.", None, ["--model.init_args.rank=0.01",
+                                                           "--model.init_args.precondition=false"]),
+    "floral1_oracle": ("FLoRAL(1%) (oracle)", None, ["--model.init_args.rank=0.01", *ORACLE]),
+    "floral10": ("FLoRAL(10%)", None, ["--model.init_args.rank=0.1"]),
+    "floral10_oracle": ("FLoRAL(10%) (oracle)", None, ["--model.init_args.rank=0.1", *ORACLE]),
+    # FineTune and FedProx also run on top of FLoRAL; pin them to the plain base here
+    "finetune": ("FedAvg + fine-tuning", "FineTuneModule", FEDAVG),
+    "ditto": ("Ditto", "DittoModule", []),
+    "fedprox": ("FedProx", "FedProxModule", FEDAVG),
+}  # fmt: skip
+
+
+def method_overrides(task: str, method: str) -> list[str]:
+    """The ``train.py`` arguments that turn a task's config into ``method``."""
+    _, cls, overrides = METHODS[method]
+    args = [o.replace("{C}", str(TASKS[task][1])) for o in overrides]
+    if cls is not None:
+        prefix = "Regression" if task in REGRESSION_TASKS else ""
+        args.insert(0, f"--model.class_path=floral_lightning.methods.{prefix}{cls}")
+    return args
+
+
+def config_args(task: str) -> list[str]:
+    return [arg for cfg in TASKS[task][0] for arg in ("--config", str(ROOT / cfg))]
+
 
 FIELDS = [
     "task",
@@ -85,9 +99,8 @@ FIELDS = [
 
 def cell_command(task: str, method: str, seed: int, rounds: int, log_dir: Path, extra: list[str]) -> list[str]:
     """The ``train.py fit`` command of one cell."""
-    configs = [arg for cfg in TASKS[task] for arg in ("--config", str(ROOT / cfg))]
     return [
-        sys.executable, str(ROOT / "train.py"), "fit", *configs, *METHODS[method][1],
+        sys.executable, str(ROOT / "train.py"), "fit", *config_args(task), *method_overrides(task, method),
         f"--seed_everything={seed}", f"--trainer.max_epochs={rounds}",
         f"--trainer.check_val_every_n_epoch={max(1, rounds // 20)}",
         f"--trainer.default_root_dir={log_dir}", "--trainer.enable_progress_bar=false",
@@ -131,17 +144,27 @@ def summarise_cell(history: dict[str, list[tuple[int, float]]], rounds: int) -> 
     }
 
 
+def client_parameters(module) -> int:
+    """Parameters one client trains: all of the module's, counting one row of the router table."""
+    return sum(
+        p.numel() // p.shape[0] if name.endswith("router.logits") else p.numel()
+        for name, p in module.named_parameters()
+    )
+
+
 def parameter_overhead(task: str, method: str, extra: list[str]) -> tuple[int, int]:
-    """(base parameters, extra federated parameters) of a method on a task, without training."""
+    """(base parameters, extra parameters per client) of a method on a task, without training.
+
+    Extra counts everything a client trains beyond the base model: adaptors and its mixture logits, other
+    ensemble members, a local adaptor or a personal model.
+    """
     from .cli import main
 
-    configs = [arg for cfg in TASKS[task] for arg in ("--config", str(ROOT / cfg))]
-    fedavg = main([*configs, *METHODS["fedavg"][1], *extra], run=False).model
-    model = main([*configs, *METHODS[method][1], *extra], run=False).model
-    base = sum(p.numel() for p in fedavg.parameters())
-    federated = sum(t.numel() for n, t in model.federated_state().items() if t.is_floating_point())
-    buffers = sum(b.numel() for n, b in fedavg.named_buffers() if b.is_floating_point())
-    return base, federated - buffers - base
+    configs = config_args(task)
+    fedavg = main([*configs, *method_overrides(task, "fedavg"), *extra], run=False).model
+    model = main([*configs, *method_overrides(task, method), *extra], run=False).model
+    base = client_parameters(fedavg)
+    return base, client_parameters(model) - base
 
 
 def load_rows(path: Path) -> list[dict[str, str]]:
