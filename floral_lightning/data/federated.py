@@ -1,0 +1,544 @@
+"""Federated data: per-client splits of a source, and the loaders the round-based trainer iterates.
+
+Every split keeps all clients' samples in ONE tensor sorted by client plus an offsets vector, so memory does
+not grow with the number of clients and a client's data is a slice (no copy).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import lightning
+import numpy as np
+import torch
+
+from .sources import ArraySplits, ClientSource, DataSource
+from .transforms import label_shift, label_subset_mask, normalize, random_flip_crop, rotate
+
+__all__ = [
+    "BatchPrep",
+    "ClientEvalLoader",
+    "ClientTensors",
+    "FederatedDataModule",
+    "RoundLoader",
+    "run_seed",
+    "seeded_generator",
+]
+
+
+def run_seed(seed: int | None) -> int:
+    """``seed``, or when it is ``None`` the run's global seed (``seed_everything``, which Lightning exports as
+    ``PL_GLOBAL_SEED``; 0 if unset), so one ``--seed_everything=N`` seeds the data and the client sampling."""
+    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from a tuple of integers.
+
+    NumPy's ``SeedSequence`` hashes the tuple, so nearby tuples such as (seed, round, client, epoch) give
+    unrelated streams (a linear combination of the keys would collide and correlate).
+    """
+    entropy = [int(k) % 2**64 for k in keys]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+@dataclass
+class ClientTensors:
+    """One split of all clients: client k owns rows ``offsets[k]:offsets[k + 1]`` of ``x`` and ``y``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    offsets: torch.Tensor  # int64 [K + 1], offsets[0] == 0, offsets[-1] == len(x)
+
+    @classmethod
+    def gather(cls, x: torch.Tensor, y: torch.Tensor, parts: Sequence[torch.Tensor]) -> ClientTensors:
+        """Copy the rows ``parts[k]`` (index tensors) of a pool into one client-sorted split."""
+        sizes = torch.tensor([len(p) for p in parts], dtype=torch.int64)
+        idx = torch.cat(list(parts)) if parts else torch.zeros(0, dtype=torch.int64)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+        return cls(x[idx], y[idx], offsets)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """Samples per client, int64 [K]."""
+        return self.offsets.diff()
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        return int(self.offsets[k]), int(self.offsets[k + 1])
+
+    def client(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client k's ``(x, y)`` as views into the shared tensors."""
+        lo, hi = self.bounds(k)
+        return self.x[lo:hi], self.y[lo:hi]
+
+    def client_ids(self) -> torch.Tensor:
+        """Owner of every row, int64 [N]."""
+        return torch.repeat_interleave(torch.arange(self.num_clients), self.sizes)
+
+
+class BatchPrep:
+    """Turns stored inputs into model inputs: uint8 images → normalised float32 (+ optional flip/crop);
+    float vectors pass through unchanged."""
+
+    def __init__(
+        self,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: bool = False,
+        padding: int = 4,
+    ) -> None:
+        self.mean = None if mean is None else tuple(mean)
+        self.std = None if std is None else tuple(std)
+        self.augment = augment
+        self.padding = padding
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        if self.mean is None or self.std is None:
+            # no statistics known: still serve a sensible 0..1 scale rather than raw bytes
+            out = x.to(torch.float32).div_(255.0)
+        else:
+            out = normalize(x, self.mean, self.std)
+        if self.augment:
+            out = random_flip_crop(out, self.padding, generator)
+        return out
+
+
+class RoundLoader:
+    """The training batches of one federated round: each sampled client's shuffled data in turn.
+
+    Yields ``(x, y, k)`` with ``k`` a plain ``int``; a client's batches are contiguous and the last partial
+    batch is kept. Client k's epoch e of round r is shuffled (and augmented) by a generator seeded with
+    ``(seed, r, k, e)``, so a round's batches do not depend on which other clients were sampled or on the
+    global RNG. Before the first :meth:`set_round` the round is 0 with all clients.
+    """
+
+    def __init__(
+        self,
+        data: ClientTensors,
+        batch_size: int,
+        prep: BatchPrep | None = None,
+        seed: int = 0,
+        local_epochs: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.prep = prep or BatchPrep()
+        self.seed = seed
+        self.local_epochs = local_epochs
+        self.round_idx = 0
+        self._clients = list(range(data.num_clients))
+
+    def set_round(self, round_idx: int, clients: Sequence[int]) -> None:
+        """Select the round number (for seeding) and the clients that train in it, in order."""
+        ids = [int(k) for k in clients]
+        bad = [k for k in ids if not 0 <= k < self.data.num_clients]
+        if bad:
+            raise ValueError(f"clients {bad} out of range; valid ids are 0..{self.data.num_clients - 1}")
+        self.round_idx = int(round_idx)
+        self._clients = ids
+
+    @property
+    def clients(self) -> list[int]:
+        """The clients of the current round, in training order."""
+        return list(self._clients)
+
+    def num_batches(self, client_id: int) -> int:
+        """``ceil(n_k / batch_size) * local_epochs``."""
+        lo, hi = self.data.bounds(client_id)
+        return math.ceil((hi - lo) / self.batch_size) * self.local_epochs
+
+    def __len__(self) -> int:
+        return sum(self.num_batches(k) for k in self._clients)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        # snapshot the round so a set_round during iteration cannot mix two rounds
+        round_idx, clients, bs = self.round_idx, list(self._clients), self.batch_size
+        for k in clients:
+            lo, hi = self.data.bounds(k)
+            for epoch in range(self.local_epochs):
+                g = seeded_generator(self.seed, 1, round_idx, k, epoch)
+                perm = torch.randperm(hi - lo, generator=g) + lo
+                for start in range(0, hi - lo, bs):
+                    idx = perm[start : start + bs]
+                    yield self.prep(self.data.x[idx], g), self.data.y[idx], k
+
+
+class ClientEvalLoader:
+    """All clients' evaluation data in client order, in batches that may span clients.
+
+    Yields ``(x, y, client_ids)`` with ``client_ids`` int64 [B]; no augmentation.
+    """
+
+    def __init__(self, data: ClientTensors, batch_size: int, prep: BatchPrep | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.prep = prep or BatchPrep()
+        self._ids = data.client_ids()
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """Evaluation samples per client, int64 [K] (the weights of a sample-weighted mean)."""
+        return self.data.sizes
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data.x) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n, bs = len(self.data.x), self.batch_size
+        for start in range(0, n, bs):
+            sl = slice(start, start + bs)
+            yield self.prep(self.data.x[sl]), self.data.y[sl], self._ids[sl]
+
+
+CLUSTER_TRANSFORMS = ("none", "rotate", "label_shift", "label_subsets")
+AUGMENTATIONS = ("none", "flip_crop")
+SPLITS = ("train", "val", "test")
+
+# stream tags for seeded_generator: every random decision of the split pipeline has its own stream, so
+# changing e.g. train_fraction leaves the partition untouched (tag 1 is the RoundLoader's shuffling)
+_PARTITION, _REDUCE, _VAL = 0, 2, 3
+_DIRICHLET_TRIES = 100
+
+
+class FederatedDataModule(lightning.LightningDataModule):
+    """Splits a source among ``num_clients`` clients and serves per-round training and per-client evaluation.
+
+    Client k belongs to cluster ``k mod num_clusters``. For a pooled :class:`DataSource` the train and test
+    pools are partitioned separately (each its own seeded IID partition into K shards, or Dirichlet label
+    skew with ``dirichlet_alpha``), then each client's data get its cluster's transform:
+
+    * ``"rotate"``: images rotated by ``360 / C · c`` degrees; ``"label_shift"``: ``y → (y + c) mod classes``;
+    * ``"label_subsets"``: client k draws only from samples whose label ``l`` has ``l mod C == c``, split
+      IID (or Dirichlet) among the clients of that cluster.
+
+    Then each client keeps ``max(min_train_size, round(train_fraction · n))`` (at most n) random samples of
+    its train shard (the paper's ``*_reduced`` tasks: 0.05), and ``val_fraction`` of that is carved off as a
+    validation split; with ``val_fraction = 0`` validation uses each client's test split (the paper's
+    practice). A :class:`ClientSource` produces the clients itself (``cluster_transform`` must be "none");
+    the reduction and validation steps still apply to its train splits.
+
+    All randomness comes from generators seeded by ``seed`` (``None``: the run's ``seed_everything``, see
+    :func:`run_seed`): the same seed gives identical splits and
+    batches. After :meth:`setup`: ``clusters`` [K], ``train_sizes`` [K], ``num_classes``, ``mean``/``std``,
+    :meth:`client_split`, and the loaders (``train_dataloader()`` returns the same :class:`RoundLoader`
+    every call; the trainer's round callback drives it with :meth:`RoundLoader.set_round`).
+    """
+
+    def __init__(
+        self,
+        source: DataSource | ClientSource,
+        num_clients: int,
+        num_clusters: int = 1,
+        cluster_transform: str = "none",
+        train_fraction: float = 1.0,
+        min_train_size: int = 10,
+        dirichlet_alpha: float | None = None,
+        val_fraction: float = 0.0,
+        batch_size: int = 32,
+        eval_batch_size: int = 1024,
+        augment: str = "none",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(source, (DataSource, ClientSource)):
+            raise TypeError(f"source must be a DataSource or ClientSource, got {type(source).__name__}")
+        checks = [
+            ("num_clients", num_clients, num_clients >= 1, ">= 1"),
+            ("num_clusters", num_clusters, num_clusters >= 1, ">= 1"),
+            (
+                "cluster_transform",
+                cluster_transform,
+                cluster_transform in CLUSTER_TRANSFORMS,
+                f"one of {CLUSTER_TRANSFORMS}",
+            ),
+            ("augment", augment, augment in AUGMENTATIONS, f"one of {AUGMENTATIONS}"),
+            ("train_fraction", train_fraction, 0.0 < train_fraction <= 1.0, "in (0, 1]"),
+            ("min_train_size", min_train_size, min_train_size >= 1, ">= 1"),
+            ("dirichlet_alpha", dirichlet_alpha, dirichlet_alpha is None or dirichlet_alpha > 0, "None or > 0"),
+            ("val_fraction", val_fraction, 0.0 <= val_fraction < 1.0, "in [0, 1)"),
+            ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+            ("eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
+        ]
+        for name, value, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"FederatedDataModule: {name}={value!r} is invalid; it must be {valid}")
+        if isinstance(source, ClientSource):
+            for name, value, default in (
+                ("cluster_transform", cluster_transform, "none"),
+                ("dirichlet_alpha", dirichlet_alpha, None),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"FederatedDataModule: {name}={value!r} needs a pooled DataSource; "
+                        f"{type(source).__name__} generates its clients with the clusters baked in "
+                        f"(use {name}={default!r})"
+                    )
+        self.source = source
+        self.num_clients = int(num_clients)
+        self.num_clusters = int(num_clusters)
+        self.cluster_transform = cluster_transform
+        self.train_fraction = float(train_fraction)
+        self.min_train_size = int(min_train_size)
+        self.dirichlet_alpha = dirichlet_alpha
+        self.val_fraction = float(val_fraction)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.augment = augment
+        self.seed = run_seed(seed)
+
+        self.clusters = torch.arange(self.num_clients) % self.num_clusters
+        self.num_classes: int | None = source.num_classes
+        self.mean: tuple[float, ...] | None = source.mean
+        self.std: tuple[float, ...] | None = source.std
+        self.train_sizes: torch.Tensor | None = None
+        self._splits: dict[str, ClientTensors] = {}
+        self._train_loader: RoundLoader | None = None
+        self._eval_loaders: dict[str, ClientEvalLoader] = {}
+
+    # ------------------------------------------------------------------ public accessors
+    @property
+    def is_built(self) -> bool:
+        """Whether :meth:`setup` has built the splits."""
+        return bool(self._splits)
+
+    def _require_setup(self) -> None:
+        if not self._splits:
+            raise RuntimeError("FederatedDataModule: call setup() before accessing the splits or loaders")
+
+    def split(self, split: str) -> ClientTensors:
+        """All clients' stored tensors of ``split``: cluster transforms applied, images still uint8."""
+        self._require_setup()
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is invalid; it must be one of {SPLITS}")
+        return self._splits[split]
+
+    def client_split(self, k: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Client k's stored ``(x, y)`` of ``split`` ("train", "val" or "test"): views, images still uint8."""
+        data = self.split(split)
+        if not 0 <= k < self.num_clients:
+            raise ValueError(f"client k={k} is out of range; valid ids are 0..{self.num_clients - 1}")
+        return data.client(k)
+
+    def sizes(self, split: str) -> torch.Tensor:
+        """Samples per client of ``split``, int64 [K]."""
+        return self.split(split).sizes
+
+    # ------------------------------------------------------------------ building
+    def setup(self, stage: str | None = None) -> None:
+        """Build every client's splits and the loaders once (later calls, for any stage, do nothing)."""
+        if self._splits:
+            return
+        if isinstance(self.source, ClientSource):
+            pool, train_parts, test_parts = self._client_source_parts()
+        else:
+            pool = self.source.load()
+        # the source may infer these while loading (e.g. NpzArrays)
+        self.num_classes, self.mean, self.std = self.source.num_classes, self.source.mean, self.source.std
+        if not isinstance(self.source, ClientSource):
+            train_parts, test_parts = self._partition(pool)
+        if self.augment != "none" and not pool.is_image:
+            raise ValueError(f"FederatedDataModule: augment={self.augment!r} needs uint8 images; use 'none'")
+
+        train_parts = self._reduce(train_parts)
+        train_parts, val_parts = self._carve_val(train_parts)
+        train = ClientTensors.gather(pool.x_train, pool.y_train, train_parts)
+        test = ClientTensors.gather(pool.x_test, pool.y_test, test_parts)
+        val = ClientTensors.gather(pool.x_train, pool.y_train, val_parts) if val_parts is not None else test
+        del pool
+        for data in {id(d): d for d in (train, val, test)}.values():  # val may be test: transform it once
+            self._apply_cluster_transform(data)
+
+        self._splits = {"train": train, "val": val, "test": test}
+        self.train_sizes = train.sizes
+        eval_prep = BatchPrep(self.mean, self.std)
+        train_prep = BatchPrep(self.mean, self.std, augment=self.augment == "flip_crop")
+        self._train_loader = RoundLoader(train, self.batch_size, train_prep, self.seed)
+        self._eval_loaders = {
+            s: ClientEvalLoader(d, self.eval_batch_size, eval_prep) for s, d in (("val", val), ("test", test))
+        }
+
+    def _client_source_parts(self) -> tuple[ArraySplits, list[torch.Tensor], list[torch.Tensor]]:
+        """Pool a ClientSource's clients into one ArraySplits and index ranges per client."""
+        clients = self.source.make_clients(self.num_clients, self.clusters.clone(), self.seed)
+        if len(clients) != self.num_clients:
+            raise ValueError(
+                f"{type(self.source).__name__}.make_clients returned {len(clients)} clients, "
+                f"expected num_clients={self.num_clients}"
+            )
+        pool = ArraySplits(
+            *(torch.cat([getattr(c, key) for c in clients]) for key in ("x_train", "y_train", "x_test", "y_test"))
+        )
+
+        def ranges(sizes: list[int]) -> list[torch.Tensor]:
+            starts = np.cumsum([0, *sizes[:-1]])
+            return [torch.arange(s, s + n) for s, n in zip(starts.tolist(), sizes)]
+
+        return pool, ranges([len(c.y_train) for c in clients]), ranges([len(c.y_test) for c in clients])
+
+    def _groups(self) -> list[tuple[list[int], int | None]]:
+        """(clients, cluster whose labels they draw from or None for all labels) for each partition group."""
+        if self.cluster_transform != "label_subsets":
+            return [(list(range(self.num_clients)), None)]
+        return [
+            (list(range(c, self.num_clients, self.num_clusters)), c)
+            for c in range(self.num_clusters)
+            if c < self.num_clients
+        ]
+
+    def _partition(self, pool: ArraySplits) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Index shards of the train and test pools, one per client (train and test each partitioned)."""
+        needs_labels = self.cluster_transform in ("label_shift", "label_subsets") or self.dirichlet_alpha
+        if needs_labels and pool.y_train.dtype.is_floating_point:
+            raise ValueError(
+                f"FederatedDataModule: cluster_transform={self.cluster_transform!r} / "
+                f"dirichlet_alpha={self.dirichlet_alpha!r} need integer class labels, got float targets"
+            )
+        if needs_labels and self.num_classes is None:
+            raise ValueError("FederatedDataModule: the source has num_classes=None; label-based splits need it")
+        if self.cluster_transform == "rotate" and not pool.is_image:
+            raise ValueError("FederatedDataModule: cluster_transform='rotate' needs uint8 images [N, C, H, W]")
+
+        groups = self._groups()
+        train_g = seeded_generator(self.seed, 0, _PARTITION, 0, 0)
+        test_g = seeded_generator(self.seed, 0, _PARTITION, 1, 0)
+        if self.dirichlet_alpha is None:
+            train = self._split_groups(pool.y_train, groups, train_g, None)
+            test = self._split_groups(pool.y_test, groups, test_g, None)
+        else:
+            # One matrix of label proportions per group, shared by the train and test partitions, so a
+            # client's test labels follow its own training distribution (independent draws would evaluate
+            # each client on someone else's label mix). Redrawn while some client would get no training data.
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2**64, 0, _PARTITION, 2, 0]))
+            for _ in range(_DIRICHLET_TRIES):
+                props = [
+                    rng.dirichlet([self.dirichlet_alpha] * len(members), size=self.num_classes) for members, _ in groups
+                ]
+                train = self._split_groups(pool.y_train, groups, train_g, props)
+                if min(len(p) for p in train) > 0:
+                    break
+            else:
+                raise ValueError(
+                    f"FederatedDataModule: dirichlet_alpha={self.dirichlet_alpha} left some client without "
+                    f"training data in {_DIRICHLET_TRIES} draws; increase dirichlet_alpha or lower num_clients"
+                )
+            test = self._split_groups(pool.y_test, groups, test_g, props)
+        empty = [k for k, p in enumerate(train) if len(p) == 0]
+        if empty:
+            raise ValueError(
+                f"FederatedDataModule: clients {empty[:10]} get no training data (train pool of "
+                f"{len(pool.y_train)} samples, num_clients={self.num_clients}, "
+                f"cluster_transform={self.cluster_transform!r}); use fewer clients or a larger pool"
+            )
+        return train, test
+
+    def _split_groups(
+        self,
+        y: torch.Tensor,
+        groups: list[tuple[list[int], int | None]],
+        g: torch.Generator,
+        props: list[np.ndarray] | None,
+    ) -> list[torch.Tensor]:
+        parts: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * self.num_clients
+        for gi, (members, cluster) in enumerate(groups):
+            if cluster is None:
+                idx = torch.arange(len(y))
+            else:
+                idx = torch.nonzero(label_subset_mask(y, cluster, self.num_clusters)).squeeze(1)
+            shards = _split_indices(idx, y[idx], len(members), g, None if props is None else props[gi])
+            for k, shard in zip(members, shards):
+                parts[k] = shard
+        return parts
+
+    def _reduce(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Keep ``max(min_train_size, round(train_fraction · n))`` (capped at n) random samples per client."""
+        if self.train_fraction >= 1.0:
+            return parts
+        g = seeded_generator(self.seed, 0, _REDUCE, 0, 0)
+        out = []
+        for p in parts:
+            n = len(p)
+            keep = min(n, max(self.min_train_size, round(self.train_fraction * n)))
+            out.append(p[torch.randperm(n, generator=g)[:keep]].sort().values)
+        return out
+
+    def _carve_val(self, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Move ``round(val_fraction · n)`` of each client's train samples to validation (at least one stays)."""
+        if self.val_fraction == 0.0:
+            return parts, None
+        g = seeded_generator(self.seed, 0, _VAL, 0, 0)
+        train, val = [], []
+        for p in parts:
+            n = len(p)
+            n_val = min(max(n - 1, 0), round(self.val_fraction * n))
+            perm = torch.randperm(n, generator=g)
+            val.append(p[perm[:n_val]].sort().values)
+            train.append(p[perm[n_val:]].sort().values)
+        return train, val
+
+    def _apply_cluster_transform(self, data: ClientTensors) -> None:
+        """Rotate images or shift labels of each client's rows in place, per its cluster."""
+        if self.cluster_transform not in ("rotate", "label_shift"):
+            return
+        for k in range(self.num_clients):
+            lo, hi = data.bounds(k)
+            c = int(self.clusters[k])
+            if hi == lo or c == 0:  # cluster 0 is the identity for both transforms
+                continue
+            if self.cluster_transform == "rotate":
+                rotated = rotate(data.x[lo:hi], c, self.num_clusters)
+                if rotated.shape != data.x[lo:hi].shape:
+                    raise ValueError(
+                        f"cluster_transform='rotate' with num_clusters={self.num_clusters} turns the images "
+                        f"by 90° and needs square images, got {tuple(data.x.shape[-2:])}"
+                    )
+                data.x[lo:hi] = rotated
+            else:
+                data.y[lo:hi] = label_shift(data.y[lo:hi], c, self.num_classes)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def train_dataloader(self) -> RoundLoader:
+        """The single :class:`RoundLoader` of this module (same object every call)."""
+        self._require_setup()
+        return self._train_loader
+
+    def val_dataloader(self) -> ClientEvalLoader:
+        """Every client's validation split (its test split when ``val_fraction == 0``)."""
+        self._require_setup()
+        return self._eval_loaders["val"]
+
+    def test_dataloader(self) -> ClientEvalLoader:
+        """Every client's test split."""
+        self._require_setup()
+        return self._eval_loaders["test"]
+
+
+def _split_indices(
+    idx: torch.Tensor, labels: torch.Tensor, n_parts: int, g: torch.Generator, props: np.ndarray | None
+) -> list[torch.Tensor]:
+    """Split ``idx`` into ``n_parts`` shards: IID (near-equal sizes) or, given ``props`` [classes, n_parts]
+    (rows sum to 1), class l's samples split by the proportions ``props[l]``. Shards come back sorted."""
+    if props is None:
+        perm = idx[torch.randperm(len(idx), generator=g)]
+        return [s.sort().values for s in torch.tensor_split(perm, n_parts)]
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(n_parts)]
+    for label in torch.unique(labels).tolist():
+        members = idx[labels == label]
+        members = members[torch.randperm(len(members), generator=g)]
+        cuts = np.round(np.cumsum(props[label]) * len(members)).astype(np.int64)[:-1]
+        for j, s in enumerate(torch.tensor_split(members, cuts.tolist())):
+            pieces[j].append(s)
+    return [torch.cat(p).sort().values if p else torch.zeros(0, dtype=torch.int64) for p in pieces]
