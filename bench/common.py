@@ -74,9 +74,18 @@ class Section:
         }
 
 
+@dataclass
+class Samples:
+    """Per-call seconds of one variant: wall clock (``time.perf_counter``) and process CPU time
+    (``time.process_time``, all threads; with one torch thread it is barely disturbed by other processes)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
 def interleaved_times(
     variants: dict[str, Callable[[], object]], repeats: int, calls: int = 1, warmup: int = 1
-) -> dict[str, list[float]]:
+) -> dict[str, Samples]:
     """Seconds per call of every variant, measured in ``repeats`` rounds.
 
     Each round times every variant for ``calls`` consecutive calls; the order rotates from round to round so
@@ -87,15 +96,15 @@ def interleaved_times(
     for name in names:
         for _ in range(warmup):
             variants[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples = {name: Samples() for name in names}
     for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, r):
             fn = variants[name]
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 fn()
-            samples[name].append((time.perf_counter() - start) / calls)
+            samples[name].wall.append((time.perf_counter() - wall) / calls)
+            samples[name].cpu.append((time.process_time() - cpu) / calls)
     return samples
 
 

@@ -1,7 +1,8 @@
 """Training-step cost of FLoRAL's forward paths against the bare base model (spec §6).
 
-    python bench/layers.py            # both models, full repeats
-    python bench/layers.py --quick    # batch 16, fewer repeats
+    python bench/layers.py                # both models, full repeats, 1 torch thread
+    python bench/layers.py --quick        # batch 16, fewer repeats
+    python bench/layers.py --threads 0    # torch's default thread count
 
 One step is forward + cross-entropy + backward + SGD step with ONE mixture for the whole batch (a client's
 local training: ``model(x, client_id)`` with an int id). Variants, each its own model and optimizer:
@@ -100,19 +101,24 @@ def bench_case(case: ModelCase, batch_size: int, repeats: int, calls: int, seed:
     """Median step time of every variant of ``case`` and its ratio to the base."""
     variants, facts = step_variants(case, batch_size, seed)
     samples = interleaved_times(variants, repeats=repeats, calls=calls, warmup=2)
-    base = median(samples["base"])
+    base, base_cpu = median(samples["base"].wall), median(samples["base"].cpu)
     figures = []
     for name, times in samples.items():
         label = "base model" if name == "base" else f"{name} path"
-        detail = {"step_ms": spread(times, 1e3), "batch_size": batch_size}
+        detail = {
+            "step_ms": spread(times.wall, 1e3),
+            "cpu_ms": spread(times.cpu, 1e3),
+            "cpu_ratio": round(median(times.cpu) / base_cpu, 3),
+            "batch_size": batch_size,
+        }
         if name == "base":
             detail.update(facts)
         figures.append(
             Figure(
                 f"{case.label}: {label}",
-                round(median(times) * 1e3, 3),
+                round(median(times.wall) * 1e3, 3),
                 "ms/step",
-                ratio=round(median(times) / base, 3),
+                ratio=round(median(times.wall) / base, 3),
                 target=TARGETS[name],
                 detail=detail,
             )
@@ -139,11 +145,11 @@ def run(quick: bool = False, models: tuple[str, ...] = tuple(CASES)) -> Section:
 
 def markdown(section: Section) -> str:
     """The section as a Markdown table."""
-    lines = ["| figure | ms/step | x base | target | met |", "|---|---:|---:|---:|---|"]
+    lines = ["| figure | ms/step | x base | x base (CPU time) | target | met |", "|---|---:|---:|---:|---:|---|"]
     for f in section.figures:
         target = "-" if f.target is None else f"<= {f.target}"
         met = "-" if f.met is None else ("yes" if f.met else "NO")
-        lines.append(f"| {f.name} | {f.value:.2f} | {f.ratio:.2f} | {target} | {met} |")
+        lines.append(f"| {f.name} | {f.value:.2f} | {f.ratio:.2f} | {f.detail['cpu_ratio']:.2f} | {target} | {met} |")
     return "\n".join(lines)
 
 
@@ -151,9 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 16 and fewer repeats")
     parser.add_argument("--model", choices=[*CASES, "all"], default="all")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0: torch's default")
     args = parser.parse_args()
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     models = tuple(CASES) if args.model == "all" else (args.model,)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

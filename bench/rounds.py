@@ -121,6 +121,7 @@ class FloorLoop:
         self.optimizer = torch.optim.SGD(groups, lr=opt.lr)
 
     def run_round(self, round_idx: int) -> None:
+        """One round: every sampled client trains from the global weights, then the weighted average."""
         clients = sample_clients(self.num_clients, self.clients_per_round, SEED, round_idx)
         self.loader.set_round(round_idx, clients)
         sums = [torch.zeros_like(t) for t in self.global_]
@@ -148,7 +149,10 @@ class FloorLoop:
             torch._foreach_copy_(self.live, self.global_)
 
     @torch.no_grad()
-    def _accumulate(self, sums, k: int, shared_total: float, adaptor_total):
+    def _accumulate(
+        self, sums: list[torch.Tensor], k: int, shared_total: float, adaptor_total: torch.Tensor | None
+    ) -> tuple[float, torch.Tensor | None]:
+        """Add client k's trained tensors to the running sums: weight n_k (shared), n_k p(c|k) (adaptor c)."""
         n = float(self.train_sizes[k])
         joint = n * torch.softmax(self.model.router.logits[k].float(), -1) if self.floral else None
         for s, t, is_adaptor in zip(sums, self.live, self.adaptor):
@@ -173,6 +177,8 @@ class FloorLoop:
 
 @dataclass(frozen=True)
 class RoundSizes:
+    """Sizes of the round benchmark: data per client, and how many runs and rounds are timed."""
+
     num_clients: int = 20
     train_per_client: int = 64
     test_per_client: int = 16

@@ -4,7 +4,7 @@
     python -m bench --quick                # tiny sizes and few repeats (well under 2 minutes)
     python -m bench --only layers          # one section (repeatable: --only round --only scaling)
     python -m bench --out /tmp/results.json
-    python -m bench --threads 1            # torch intra-op threads (default: torch's own choice)
+    python -m bench --threads 0            # torch's own thread count (default: 1 intra-op thread)
 
 Sections (each module's docstring says exactly how it measures):
 
@@ -15,10 +15,13 @@ Sections (each module's docstring says exactly how it measures):
 - ``scaling`` (bench/scaling.py): round time and memory as registered and sampled clients grow;
 - ``startup`` (bench/startup.py): launching ``train.py fit`` to its first training step.
 
-Every timing is a median over interleaved repeats after a warm-up (``time.perf_counter``). On a machine
-where other processes use the cores, several intra-op threads per process wait on each other at every
-parallel op and timings inflate many-fold and erratically; the JSON records the load average, and
-``--threads 1`` gives stable numbers there.
+Every timing is a median over interleaved repeats after a warm-up (``time.perf_counter``; process CPU time
+is recorded beside it). The suite runs torch with ONE intra-op thread by default: on a machine where other
+processes use the cores, several intra-op threads per process wait on each other at every parallel op and
+timings inflate many-fold and erratically (measured here: a CifarCNN step 31 ms with 1 thread, 270 ms with
+2 threads under a load average of 4 on 2 cores). One thread makes the ratios stable; it also makes compute
+slower relative to fixed Python overheads than several threads would on an idle machine, so compare runs
+at the same ``--threads`` only (the JSON records it, with the load average at start and end).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ RUNNERS: list[tuple[tuple[str, ...], Callable[[bool], list[Section]]]] = [
 ]
 
 
-def run_sections(only: set[str], quick: bool, threads: int | None) -> dict[str, Section]:
+def run_sections(only: set[str], quick: bool, threads: int) -> dict[str, Section]:
     """Run the requested sections in suite order, stamping each figure with the command that reproduces it."""
     out: dict[str, Section] = {}
     for names, runner in RUNNERS:
@@ -92,7 +95,7 @@ def run_sections(only: set[str], quick: bool, threads: int | None) -> dict[str, 
             if section.name not in only:
                 continue
             section.seconds = elapsed
-            command = bench_command(section.name, quick) + (f" --threads {threads}" if threads else "")
+            command = bench_command(section.name, quick) + ("" if threads == 1 else f" --threads {threads}")
             for figure in section.figures:
                 figure.command = command
             out[section.name] = section
@@ -135,10 +138,11 @@ def load_warning(threads: int) -> str | None:
     )
 
 
-def results_json(sections: dict[str, Section], args: argparse.Namespace, wall: float, notes: list[str]) -> dict:
+def results_json(
+    sections: dict[str, Section], args: argparse.Namespace, info: dict, wall: float, notes: list[str]
+) -> dict:
     """The JSON document: machine, settings, every section's method, parameters and figures, a summary."""
     targeted = [(n, f) for n, s in sections.items() for f in s.figures if f.target is not None]
-    info = machine_info()
     if hasattr(os, "getloadavg"):
         info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
@@ -167,12 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
     parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION", help=f"one of {SECTIONS}")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="where to write the JSON")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0: torch's default")
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the subprocesses (memory, start-up) follow suit
     quiet_lightning()
+    info = machine_info()  # now: its load average is the one at the start
     notes = []
     warning = load_warning(torch.get_num_threads())
     if warning:
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     sections = run_sections(set(args.only or SECTIONS), args.quick, args.threads)
     wall = time.perf_counter() - start
     print(markdown_table(sections))
-    results = results_json(sections, args, wall, notes)
+    results = results_json(sections, args, info, wall, notes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -30,6 +30,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,8 @@ LINEAR_TARGET = 1.1  # time per sampled client at m / at the smallest m
 
 @dataclass(frozen=True)
 class ScalingSizes:
+    """How many rounds and interleaving blocks are timed, and how many rounds the memory runs train."""
+
     warmup: int = 1
     rounds: int = 10
     blocks: int = 3
@@ -71,6 +74,7 @@ def small_data(num_clients: int) -> FederatedDataModule:
 
 
 def small_module(num_clients: int) -> FloralModule:
+    """A 64-32-10 MLP with FLoRAL C=4, rho=10 % (ranks 2 and 1), the same initial weights on every call."""
     torch.manual_seed(SEED)
     return FloralModule(MLP(64, [32], 10), num_clients=num_clients, num_adaptors=NUM_ADAPTORS, rank=0.1)
 
@@ -91,7 +95,7 @@ def round_times(sizes: ScalingSizes) -> dict[tuple[int, int], list[tuple[float, 
 def _status_bytes(field: str) -> int | None:
     """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes; ``None`` off Linux."""
     try:
-        for line in open("/proc/self/status").read().splitlines():
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:

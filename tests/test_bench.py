@@ -1,0 +1,56 @@
+"""The benchmark suite runs end to end in --quick mode and writes a complete results file.
+
+Timings depend on the machine and its load, so nothing here asserts on speed: only that every section is
+present and every figure is a finite positive number with its target and met fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"layers", "round", "fedavg_vs_floral", "evaluation", "scaling", "startup"}
+
+
+@pytest.mark.slow
+def test_quick_suite_writes_every_section(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| section | figure |" in proc.stdout  # the Markdown table
+
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    assert results["torch_num_threads"] >= 1 and results["torch_version"]
+    assert {"date", "machine", "command", "summary"} <= set(results)
+    assert set(results["sections"]) == SECTIONS
+    targeted = 0
+    for name, section in results["sections"].items():
+        assert section["method"] and section["figures"], name
+        for figure in section["figures"]:
+            label = f"{name}: {figure['name']}"
+            assert {"value", "unit", "ratio", "target", "met", "command"} <= set(figure), label
+            assert isinstance(figure["value"], (int, float)), label
+            assert math.isfinite(figure["value"]) and figure["value"] > 0, label
+            assert figure["command"].startswith("python -m bench --only " + name), label
+            if figure["ratio"] is not None:
+                assert math.isfinite(figure["ratio"]) and figure["ratio"] > 0, label
+            if figure["target"] is None:
+                assert figure["met"] is None, label
+            else:
+                targeted += 1
+                assert figure["ratio"] is not None and isinstance(figure["met"], bool), label
+                assert figure["met"] == (figure["ratio"] <= figure["target"]), label
+    assert results["summary"]["targets"] == targeted > 0
