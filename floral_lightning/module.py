@@ -124,6 +124,9 @@ class FloralModule(L.LightningModule):
             raise ValueError(f"optimizer.name={self.optimizer_options.name!r}: expected one of {CLIENT_OPTIMIZERS}")
         self.num_clients = num_clients
         self.precondition = precondition
+        # the round's local losses so far (see ``_record_train_loss``)
+        self._loss_client: int | None = None
+        self._loss_sum, self._loss_count = torch.zeros(()), 0
         if num_adaptors == 0:
             self.model: nn.Module = base
         else:
@@ -235,14 +238,32 @@ class FloralModule(L.LightningModule):
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         x, y, client_id = batch
         loss = self.compute_loss(self(x, client_id), y)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
-        # the progress bar shows "Epoch N" (the round) and the client training now
-        self.log("client", float(client_id), prog_bar=True, logger=False, batch_size=len(x))
+        self._record_train_loss(
+            int(client_id), loss.detach(), len(x), last=batch_idx + 1 == self.trainer.num_training_batches
+        )
         if self.is_floral:
             penalty = self.model.router.entropy_loss(client_id)
             if penalty is not None:
                 loss = loss + penalty
         return loss
+
+    def _record_train_loss(self, client_id: int, loss: torch.Tensor, batch_size: int, last: bool) -> None:
+        """Sum the round's local losses and log ``train/loss`` once, at the round's last batch: the
+        sample-weighted mean of the local losses of the round's clients.
+
+        Why not ``self.log`` every step: each call walks Lightning's result tree (about 0.5 ms), as long as a
+        whole step of a small model. For the same reason the client on the progress bar is logged only when
+        there is a progress bar, once per client.
+        """
+        if client_id != self._loss_client and self.trainer.progress_bar_callback is not None:
+            self.log("client", float(client_id), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self._loss_client = client_id
+        self._loss_sum = self._loss_sum.to(loss.device) + loss * batch_size
+        self._loss_count += batch_size
+        if last:
+            mean = self._loss_sum / self._loss_count
+            self.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=self._loss_count)
+            self._loss_client, self._loss_sum, self._loss_count = None, torch.zeros(()), 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.precondition and self.is_floral:

@@ -93,11 +93,12 @@ def test_unsampled_client_keeps_its_mixture_exactly():
 
 
 def test_trainer_equals_a_hand_written_federated_loop():
-    """Two rounds through Lightning equal plain PyTorch: per client, load global, local SGD, then average."""
+    """Two rounds through Lightning equal plain PyTorch: per client, load global, local SGD, then average;
+    the logged train/loss is the last round's sample-weighted mean local loss."""
     data = linear_data()
     module = linear_module()
     reference = copy.deepcopy(module.model)
-    fit(module, data, 2, FederatedCallback(clients_per_round=3, seed=5))
+    trainer = fit(module, data, 2, FederatedCallback(clients_per_round=3, seed=5))
 
     data.setup("fit")
     loader = data.train_dataloader()
@@ -110,6 +111,7 @@ def test_trainer_equals_a_hand_written_federated_loop():
         for x, y, k in loader:
             batches.setdefault(k, []).append((x, y))
         updates = []
+        loss_sum, loss_count = 0.0, 0
         for k in clients:
             reference.load_state_dict(global_state, strict=False)
             opt = torch.optim.SGD(
@@ -121,14 +123,17 @@ def test_trainer_equals_a_hand_written_federated_loop():
             )
             for x, y in batches[k]:
                 opt.zero_grad()
-                nn.functional.mse_loss(reference(x, k), y).backward()
+                loss = nn.functional.mse_loss(reference(x, k), y)
+                loss.backward()
                 opt.step()
+                loss_sum, loss_count = loss_sum + loss.item() * len(x), loss_count + len(x)
             state = {n: t.detach().clone() for n, t in reference.federated_state().items()}
             updates.append(ClientUpdate(k, state, int(data.train_sizes[k]), reference.router.logits[k].detach()))
         global_state = aggregate(global_state, roles, updates)
     reference.load_state_dict(global_state, strict=False)
     for (name, ours), theirs in zip(module.model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(ours, theirs, msg=name)
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(loss_sum / loss_count, rel=1e-5)
 
 
 def test_same_seed_same_result_and_other_seed_differs():
