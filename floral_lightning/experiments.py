@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,39 +186,57 @@ def append_row(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def run_cell(command: list[str], threads: int) -> tuple[subprocess.CompletedProcess, float]:
+    """Run one cell's ``train.py`` with ``threads`` torch threads; its result and wall time."""
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    return result, time.perf_counter() - t0
+
+
 def compare(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     done = {(r["task"], r["method"], r["seed"], r["rounds"]) for r in load_rows(csv_path)}
+    todo = [
+        (task, method, seed)
+        for task in args.tasks
+        for method in args.methods
+        for seed in args.seeds
+        if (task, method, str(seed), str(args.rounds)) not in done
+    ]
+    # Small models do not gain from a second thread as much as from a second cell running beside them.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     overhead: dict[tuple[str, str], tuple[int, int]] = {}
     start = time.perf_counter()
-    for task in args.tasks:
-        for method in args.methods:
-            for seed in args.seeds:
-                key = (task, method, str(seed), str(args.rounds))
-                if key in done:
-                    continue
-                log_dir = out / "runs" / task / method / f"seed{seed}"
-                command = cell_command(task, method, seed, args.rounds, log_dir, args.override)
-                print(f"[{time.perf_counter() - start:7.0f}s] {task} / {method} / seed {seed}", flush=True)
-                t0 = time.perf_counter()
-                result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-                wall = time.perf_counter() - t0
-                if result.returncode != 0:
-                    print(result.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"cell {key} failed (exit {result.returncode}); command: {' '.join(command)}")
-                if (task, method) not in overhead:
-                    overhead[task, method] = parameter_overhead(task, method, args.override)
-                base, extra_params = overhead[task, method]
-                row = {
-                    "task": task, "method": method, "seed": seed, "rounds": args.rounds,
-                    **summarise_cell(read_history(log_dir), args.rounds),
-                    "base_params": base, "extra_params": extra_params,
-                    "extra_percent": round(100.0 * extra_params / base, 2),
-                    "wall_s": round(wall, 1), "log_dir": str(log_dir.relative_to(out)),
-                }  # fmt: skip
-                append_row(csv_path, row)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running = {}
+        for task, method, seed in todo:
+            log_dir = out / "runs" / task / method / f"seed{seed}"
+            command = cell_command(task, method, seed, args.rounds, log_dir, args.override)
+            running[pool.submit(run_cell, command, threads)] = (task, method, seed, log_dir, command)
+        for future in as_completed(running):
+            task, method, seed, log_dir, command = running[future]
+            result, wall = future.result()
+            print(f"[{time.perf_counter() - start:7.0f}s] {task} / {method} / seed {seed}: {wall:.0f} s", flush=True)
+            if result.returncode != 0:
+                print(result.stderr[-4000:], file=sys.stderr)
+                for other in running:
+                    other.cancel()
+                raise SystemExit(f"cell {task}/{method}/seed {seed} failed (exit {result.returncode}); command: "
+                                 + " ".join(command))  # fmt: skip
+            if (task, method) not in overhead:
+                overhead[task, method] = parameter_overhead(task, method, args.override)
+            base, extra_params = overhead[task, method]
+            row = {
+                "task": task, "method": method, "seed": seed, "rounds": args.rounds,
+                **summarise_cell(read_history(log_dir), args.rounds),
+                "base_params": base, "extra_params": extra_params,
+                "extra_percent": round(100.0 * extra_params / base, 2),
+                "wall_s": round(wall, 1), "log_dir": str(log_dir.relative_to(out)),
+            }  # fmt: skip
+            append_row(csv_path, row)
     report(out, args, time.perf_counter() - start)
 
 
@@ -255,10 +274,12 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> None:
         f"Command: `python -m floral_lightning.experiments compare --tasks {' '.join(args.tasks)} "
         f"--methods {' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}"
         + "".join(f" --override={o}" for o in args.override)
+        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + f" --out {args.out}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
-        f"this invocation's wall time {wall:.0f} s; {args.rounds} rounds per run; value = mean over seeds "
+        f"this invocation's wall time {wall:.0f} s ({args.jobs} cell(s) at a time); the cells' wall times sum to "
+        f"{sum(float(r['wall_s']) for r in rows):.0f} s; {args.rounds} rounds per run; value = mean over seeds "
         "(std) of the evaluations in the last 1 % of rounds; accuracy is the sample-weighted mean over clients.",
         "",
         "| method | " + " | ".join(args.tasks) + " |",
@@ -319,6 +340,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--rounds", type=int, required=True, help="rounds per run (the configs' max_epochs)")
     run.add_argument("--out", required=True, help="folder for results.csv, results.md, curves and runs/")
+    run.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch threads per cell (default: CPU cores / jobs)")  # fmt: skip
     run.add_argument("--override", action="append", default=[],
                      help="extra train.py argument for every cell, repeatable (e.g. a data source)")  # fmt: skip
     return parser.parse_args(argv)

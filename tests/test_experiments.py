@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_grid_report_and_resume(tmp_path, capsys):
     args = ["compare", "--tasks", "synthetic_linear", "--methods", "fedavg", "floral1", "--seeds", "0",
-            "--rounds", "3", "--out", str(tmp_path)]  # fmt: skip
+            "--rounds", "3", "--jobs", "2", "--out", str(tmp_path)]  # fmt: skip
     main(args)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert {(r["method"], r["seed"]) for r in rows} == {("fedavg", "0"), ("floral1", "0")}
@@ -21,7 +21,7 @@ def test_grid_report_and_resume(tmp_path, capsys):
     fedavg, floral = sorted(rows, key=lambda r: r["method"])
     assert int(fedavg["extra_params"]) == 0 and int(floral["extra_params"]) > 0
     report = (tmp_path / "results.md").read_text()
-    assert "| FedAvg |" in report and "**" in report and "% increase" in report
+    assert "| FedAvg |" in report and "**" in report and "% increase" in report and "--jobs 2" in report
     assert (tmp_path / "curves_synthetic_linear.png").stat().st_size > 1000
 
     capsys.readouterr()
