@@ -143,17 +143,20 @@ class FloralModel(nn.Module):
         ``client_ids`` is an ``int`` (one client for the whole batch: the merged path) or a ``LongTensor``
         of shape [B] (one client per sample: the factorised path); ``mixture`` bypasses the router.
         """
+        runs = None
         if mixture is None:
             if client_ids is None:
                 raise ValueError("FloralModel.forward needs client_ids (int or LongTensor [B]) or mixture=...")
             mixture = self.router(client_ids)
+            if isinstance(client_ids, torch.Tensor) and client_ids.dim() == 1 and not self.training:
+                runs = client_runs(client_ids, mixture)
         for _, layer in self._floral_layers:
-            layer.mixture = mixture
+            layer.mixture, layer.runs = mixture, runs
         try:
             return self.base(x)
         finally:
             for _, layer in self._floral_layers:
-                layer.mixture = None
+                layer.mixture, layer.runs = None, None
 
     def set_path(self, path: str) -> None:
         """Force a forward path in every layer: ``auto`` (default), ``merged``, ``factorised`` or ``naive``."""
@@ -261,6 +264,15 @@ class FloralModel(nn.Module):
         """Precondition the factor gradients of every adapted layer (spec §2)."""
         for _, layer in self._floral_layers:
             layer.precondition_gradients_(eps)
+
+
+def client_runs(client_ids: torch.Tensor, mixture: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The batch's runs of consecutive samples of one client: one mixture row per run [U, C] and the run lengths.
+
+    Exact only when a client's rows are equal, i.e. without router noise (eval mode).
+    """
+    _, lengths = torch.unique_consecutive(client_ids, return_counts=True)
+    return mixture[lengths.cumsum(0) - lengths], lengths.tolist()
 
 
 def _is_under_wrapped_base(name: str, adaptor_prefixes: tuple[str, ...]) -> bool:

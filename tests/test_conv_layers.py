@@ -291,3 +291,36 @@ def test_precondition_divides_by_other_factor_gram_norm():
         norm_a = torch.linalg.matrix_norm(a @ a.T)
         assert_close(layer.adaptor_A.grad[c], grad_a[c] / (norm_b + 1e-5))
         assert_close(layer.adaptor_B.grad[c], grad_b[c] / (norm_a + 1e-5))
+
+
+def test_eval_runs_of_one_client_take_the_merged_path_and_match_factorised(monkeypatch):
+    """In eval mode a client-sorted batch of ids runs each client's run merged (convs); same outputs as the
+    factorised path, and training mode (noisy router, rows of one client differ) never takes it."""
+    from floral_lightning import FloralModel
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    model = FloralModel(base, num_clients=6, num_adaptors=3, rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adaptor_B") or name.startswith("router."):
+                p.normal_()
+    ids = torch.tensor([4, 4, 4, 4, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    x = torch.randn(len(ids), 3, 6, 6)
+    calls = []
+    original = FloralConv.forward_runs
+    monkeypatch.setattr(FloralConv, "forward_runs", lambda self, *a: calls.append(a[2]) or original(self, *a))
+
+    model.eval()
+    runs = model(x, ids)
+    assert calls == [[4, 5, 7]]
+    model.set_path("factorised")
+    torch.testing.assert_close(runs, model(x, ids))
+    per_client = torch.cat([model(x[ids == k], int(k)) for k in (4, 1, 0)])
+    torch.testing.assert_close(runs, per_client)
+
+    model.set_path("auto")
+    model(x[:6], ids[:6])  # 2 runs for 6 samples: shorter than merge_runs_from, factorised
+    model.train()
+    model(x, ids)
+    assert len(calls) == 1

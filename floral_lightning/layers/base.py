@@ -10,7 +10,10 @@ The mixture ``w`` decides the forward path:
   folds ``alpha * sum_c w_c * delta_c`` into the base weight and runs one base-sized op (an embedding may
   instead look the adaptor rows up when that is cheaper; "merged" means one mixture for the batch).
 - ``w.shape == (B, C)``: a mixture per sample (many clients in one batch). The **factorised** path runs all
-  adaptors as one rank ``C*r`` factor pair with the mixture scaling the ``C*r`` channels.
+  adaptors as one rank ``C*r`` factor pair with the mixture scaling the ``C*r`` channels. When the samples
+  come in runs of one client (``runs``, set by ``FloralModel`` in eval mode for client-sorted batches), a
+  layer type whose factorised path is slow may run each run through the merged path instead
+  (``merge_runs_from``).
 
 ``forward_naive`` is the definition, one adaptor at a time; it exists for tests and benchmarks.
 Inputs carry a leading batch dimension.
@@ -31,6 +34,9 @@ class FloralLayer(nn.Module):
 
     #: base layer types this wrapper adapts (checked by ``FloralModel``)
     adapts: tuple[type[nn.Module], ...] = ()
+    #: with a per-sample mixture in runs, the shortest mean run length (samples per client) from which "auto"
+    #: runs each run through the merged path rather than the batch through the factorised one; None: never
+    merge_runs_from: float | None = None
 
     def __init__(self, base: nn.Module, num_adaptors: int, alpha: float = 1.0) -> None:
         super().__init__()
@@ -43,6 +49,9 @@ class FloralLayer(nn.Module):
         self.path = "auto"
         #: set by FloralModel around each forward; ``forward(x, mixture=...)`` overrides it
         self.mixture: torch.Tensor | None = None
+        #: the per-sample mixture as runs of equal rows, ``(mixtures [U, C], run lengths)``; set by FloralModel
+        #: (eval mode, a LongTensor of client ids) and valid only with ``self.mixture``
+        self.runs: tuple[torch.Tensor, list[int]] | None = None
 
     def forward(self, x: torch.Tensor, mixture: torch.Tensor | None = None) -> torch.Tensor:
         w = self.mixture if mixture is None else mixture
@@ -57,7 +66,12 @@ class FloralLayer(nn.Module):
             )
         path = self.path
         if path == "auto":
-            path = "merged" if w.dim() == 1 else "factorised"
+            if w.dim() == 1:
+                path = "merged"
+            elif mixture is None and self._merge_runs(x):
+                return self.forward_runs(x, *self.runs)
+            else:
+                path = "factorised"
         if path == "merged":
             if w.dim() != 1:
                 raise ValueError("the merged path needs one mixture for the whole batch (shape [num_adaptors])")
@@ -71,6 +85,17 @@ class FloralLayer(nn.Module):
         if path == "naive":
             return self.forward_naive(x, w)
         raise ValueError(f"path={self.path!r}: expected one of {PATHS}")
+
+    def _merge_runs(self, x: torch.Tensor) -> bool:
+        if self.runs is None or self.merge_runs_from is None:
+            return False
+        return x.shape[0] >= self.merge_runs_from * len(self.runs[1])
+
+    def forward_runs(self, x: torch.Tensor, mixtures: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """A batch in runs of one mixture each (``mixtures`` [U, C], run ``lengths``): the merged path per run."""
+        if sum(lengths) != x.shape[0] or len(lengths) != len(mixtures):
+            raise ValueError(f"runs of lengths {lengths} with {len(mixtures)} mixtures for a batch of {x.shape[0]}")
+        return torch.cat([self.forward_merged(part, w) for part, w in zip(x.split(lengths), mixtures)])
 
     # --- the three paths, implemented per layer type -------------------------------------------------
     def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
