@@ -99,6 +99,15 @@ class FloralLayer(nn.Module):
 
     # --- the three paths, implemented per layer type -------------------------------------------------
     def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The base op with ``delta_weight(w)`` added to its weight and bias (layers with a weight and bias)."""
+        dw, db = self.delta_weight(w)
+        bias = self.base.bias
+        if db is not None:
+            bias = db if bias is None else bias + db
+        return self._base_forward(x, self.base.weight + dw, bias)
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's op with another weight and bias."""
         raise NotImplementedError
 
     def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -227,13 +227,6 @@ class FloralConv(FloralLayer):
         return dw, db
 
     # --- the three paths ------------------------------------------------------------------------------------
-    def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        dw, db = self.delta_weight(w)
-        bias = self.base.bias
-        if db is not None:
-            bias = db if bias is None else bias + db
-        return self._base_forward(x, self.base.weight + dw, bias)
-
     def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         g = self.base.groups
         a, b = self._stacked()

@@ -51,12 +51,8 @@ class FloralLinear(FloralLayer):
         bias = None if self.adaptor_bias is None else self.alpha * (w @ self.adaptor_bias)
         return b @ a, bias
 
-    def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        dw, db = self.delta_weight(w)
-        bias = self.base.bias
-        if db is not None:
-            bias = db if bias is None else bias + db
-        return F.linear(x, self.base.weight + dw, bias)
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
     def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         a, b = self._stacked()
