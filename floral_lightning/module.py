@@ -76,7 +76,7 @@ class FloralModule(L.LightningModule):
     """Personalised federated training of ``base`` with FLoRAL (or plain FedAvg with ``num_adaptors=0``).
 
     Batches are ``(x, y, client_id)``: an ``int`` client id during local training (one mixture per batch,
-    the merged path) and a ``LongTensor [B]`` during evaluation (many clients per batch, the factorised path).
+    the merged path) and a ``LongTensor [B]`` during evaluation (many clients per batch, a mixture per sample).
 
     Args:
         base: the network to personalise (any ``nn.Module``; instantiated from the config's class_path).
