@@ -240,12 +240,20 @@ def compare(args: argparse.Namespace) -> None:
     report(out, args, time.perf_counter() - start)
 
 
-def report(out: Path, args: argparse.Namespace, wall: float) -> None:
-    """Write ``results.md`` and the curves from ``results.csv`` (rows of the requested grid only)."""
+def report(out: Path, args: argparse.Namespace, wall: float | None = None) -> None:
+    """Write ``results.md`` and the curves from ``results.csv`` (rows of the requested grid only).
+
+    ``wall`` is the wall time of the ``compare`` that ran the grid (``None`` for a report of what exists).
+    A cell with fewer seeds than requested shows how many it has (``n=2``); a cell with none shows ``-``.
+    """
+    seeds = {str(seed) for seed in args.seeds}
     rows = [
         r
         for r in load_rows(out / "results.csv")
-        if r["task"] in args.tasks and r["method"] in args.methods and r["rounds"] == str(args.rounds)
+        if r["task"] in args.tasks
+        and r["method"] in args.methods
+        and r["rounds"] == str(args.rounds)
+        and r["seed"] in seeds
     ]
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
@@ -266,7 +274,8 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> None:
         mean = statistics.fmean(values) * scale
         std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
         text = f"{mean:.1f} ({std:.1f})" if metric[task] == "acc" else f"{mean:.4f} ({std:.4f})"
-        return f"**{text}**" if best.get(task) == method else text
+        text = f"**{text}**" if best.get(task) == method else text
+        return text if len(values) == len(seeds) else f"{text} n={len(values)}"
 
     lines = [
         "# Personalised test " + ("accuracy %" if "acc" in metric.values() else "metric"),
@@ -274,12 +283,13 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> None:
         f"Command: `python -m floral_lightning.experiments compare --tasks {' '.join(args.tasks)} "
         f"--methods {' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}"
         + "".join(f" --override={o}" for o in args.override)
-        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+        + (f" --jobs {args.jobs}" if getattr(args, "jobs", 1) > 1 else "")
         + f" --out {args.out}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
-        f"this invocation's wall time {wall:.0f} s ({args.jobs} cell(s) at a time); the cells' wall times sum to "
-        f"{sum(float(r['wall_s']) for r in rows):.0f} s; {args.rounds} rounds per run; value = mean over seeds "
+        + ("" if wall is None else f"this invocation's wall time {wall:.0f} s ({args.jobs} cell(s) at a time); ")
+        + f"the cells' wall times sum to {sum(float(r['wall_s']) for r in rows):.0f} s; "
+        f"{args.rounds} rounds per run; value = mean over seeds "
         "(std) of the evaluations in the last 1 % of rounds; accuracy is the sample-weighted mean over clients.",
         "",
         "| method | " + " | ".join(args.tasks) + " |",
@@ -335,16 +345,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("compare", help="run (or resume) a grid and write the report")
-    run.add_argument("--tasks", nargs="+", required=True, choices=sorted(TASKS))
-    run.add_argument("--methods", nargs="+", required=True, choices=list(METHODS))
-    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    run.add_argument("--rounds", type=int, required=True, help="rounds per run (the configs' max_epochs)")
-    run.add_argument("--out", required=True, help="folder for results.csv, results.md, curves and runs/")
+    only = sub.add_parser("report", help="write the report of a grid from the cells results.csv has, running none")
+    for grid in (run, only):
+        grid.add_argument("--tasks", nargs="+", required=True, choices=sorted(TASKS))
+        grid.add_argument("--methods", nargs="+", required=True, choices=list(METHODS))
+        grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        grid.add_argument("--rounds", type=int, required=True, help="rounds per run (the configs' max_epochs)")
+        grid.add_argument("--out", required=True, help="folder for results.csv, results.md, curves and runs/")
+        grid.add_argument("--override", action="append", default=[],
+                          help="extra train.py argument for every cell, repeatable (e.g. a data source)")  # fmt: skip
     run.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1)")
     run.add_argument("--threads", type=int, default=0,
                      help="torch threads per cell (default: CPU cores / jobs)")  # fmt: skip
-    run.add_argument("--override", action="append", default=[],
-                     help="extra train.py argument for every cell, repeatable (e.g. a data source)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -352,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "compare":
         compare(args)
+    else:
+        report(Path(args.out), args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,13 @@ def test_grid_report_and_resume(tmp_path, capsys):
     assert "synthetic_linear / " not in capsys.readouterr().out
     assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 2
 
+    # the report alone, for a grid with a seed not run yet: nothing runs, the cells say how many seeds they have
+    main(["report", "--tasks", "synthetic_linear", "--methods", "fedavg", "floral1", "--seeds", "0", "1",
+          "--rounds", "3", "--out", str(tmp_path)])  # fmt: skip
+    assert "synthetic_linear / " not in capsys.readouterr().out
+    report = (tmp_path / "results.md").read_text()
+    assert report.count(" n=1") == 2 and "--seeds 0 1" in report and "invocation's wall time" not in report
+
 
 def test_cell_value_is_the_mean_of_the_last_percent_of_rounds():
     history = {"val/acc": [(r, r / 1000) for r in range(10, 1001, 10)]}
