@@ -273,7 +273,7 @@ def report(out: Path, args: argparse.Namespace, wall: float | None = None) -> No
         scale = 100.0 if metric[task] == "acc" else 1.0
         mean = statistics.fmean(values) * scale
         std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-        text = f"{mean:.1f} ({std:.1f})" if metric[task] == "acc" else f"{mean:.4f} ({std:.4f})"
+        text = f"{mean:.1f} ({std:.1f})" if metric[task] == "acc" else f"{mean:.3g} ({std:.2g})"
         text = f"**{text}**" if best.get(task) == method else text
         return text if len(values) == len(seeds) else f"{text} n={len(values)}"
 
