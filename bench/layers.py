@@ -3,6 +3,7 @@
     python bench/layers.py                # both models, full repeats, 1 torch thread
     python bench/layers.py --quick        # batch 16, fewer repeats
     python bench/layers.py --threads 0    # torch's default thread count
+    python bench/layers.py --out F.json   # where the JSON goes (default bench/layers.json)
 
 One step is forward + cross-entropy + backward + SGD step with ONE mixture for the whole batch (a client's
 local training: ``model(x, client_id)`` with an int id). Variants, each its own model and optimizer:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as ``python bench/layers.py``: make the ``bench`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Figure, Section, interleaved_times, median, spread  # noqa: E402
+from bench.common import ROOT, Figure, Section, interleaved_times, machine_info, median, spread  # noqa: E402
 from floral_lightning import FloralModel  # noqa: E402
 from floral_lightning.models import VGG8, CifarCNN  # noqa: E402
 
@@ -158,12 +160,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 16 and fewer repeats")
     parser.add_argument("--model", choices=[*CASES, "all"], default="all")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0: torch's default")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "layers.json"), help="where to write the JSON")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     models = tuple(CASES) if args.model == "all" else (args.model,)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(markdown(run(args.quick, models)))
+    section = run(args.quick, models)
+    print(markdown(section))
+    command = "python bench/layers.py" + (" --quick" if args.quick else "") + f" --model {args.model}"
+    result = {"command": command, "machine": machine_info(), "layers": section.as_dict()}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

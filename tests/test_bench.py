@@ -54,3 +54,20 @@ def test_quick_suite_writes_every_section(tmp_path):
                 assert figure["ratio"] is not None and isinstance(figure["met"], bool), label
                 assert figure["met"] == (figure["ratio"] <= figure["target"]), label
     assert results["summary"]["targets"] == targeted > 0
+
+
+@pytest.mark.slow
+def test_layers_script_prints_and_writes_json(tmp_path):
+    out = tmp_path / "layers.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/layers.py", "--quick", "--model", "cifar_cnn", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "merged path" in proc.stdout
+    figures = json.loads(out.read_text())["layers"]["figures"]
+    assert [f["name"].split(": ")[1] for f in figures] == ["base model", "naive path", "factorised path", "merged path"]
+    assert all(f["ratio"] > 0 for f in figures) and figures[0]["ratio"] == 1.0
