@@ -8,12 +8,13 @@ import copy
 import lightning as L
 import pytest
 import torch
+from federated_helpers import RecordingCallback, fit, linear_data, quiet_trainer
 from torch import nn
 from torch.func import functional_call
 
 from callbacks import FederatedCallback, sample_clients
-from floral_lightning.aggregation import ClientUpdate, aggregate
-from floral_lightning.data import FederatedDataModule, RandomImages, SyntheticLinear
+from floral_lightning.aggregation import aggregate
+from floral_lightning.data import FederatedDataModule, RandomImages
 from floral_lightning.ensemble import EnsembleModel
 from floral_lightning.methods import (
     ClientStates,
@@ -38,12 +39,6 @@ from floral_lightning.tasks import RegressionModule
 OPTIMIZER = ClientOptimizer(lr=0.05, router_lr=0.1)
 
 
-def linear_data(num_clients: int = 6, seed: int = 0) -> FederatedDataModule:
-    return FederatedDataModule(
-        SyntheticLinear(samples_per_client=20), num_clients=num_clients, num_clusters=2, batch_size=4, seed=seed
-    )
-
-
 def image_data(num_clients: int = 4) -> FederatedDataModule:
     return FederatedDataModule(
         RandomImages(160, 80, shape=(1, 6, 6), num_classes=4),
@@ -60,39 +55,17 @@ def linear(cls, num_clients: int = 6, seed: int = 0, **kwargs):
     return cls(nn.Linear(10, 3), num_clients=num_clients, **({"optimizer": OPTIMIZER} | kwargs))
 
 
-def trainer(rounds: int, callback: FederatedCallback, validate: bool = False, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=rounds,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1.0 if validate else 0,
-        **kwargs,
-    )
-
-
-def fit(module, data, rounds: int, callback: FederatedCallback | None = None, **kwargs) -> L.Trainer:
-    t = trainer(rounds, callback or FederatedCallback(), **kwargs)
-    t.fit(module, datamodule=data)
-    return t
-
-
 def validate(t: L.Trainer, module, data) -> dict[str, float]:
     t.limit_val_batches = 1.0
     (metrics,) = t.validate(module, datamodule=data, verbose=False)
     return metrics
 
 
-class Recorder(FederatedCallback):
-    """Keeps the round's starting global weights and, per client, what it loaded and what it reports."""
+class Recorder(RecordingCallback):
+    """Also keeps, per client, the private state it loaded and the private state it trained."""
 
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
-        self.start = copy.deepcopy(self._global)
-        self.updates: list[ClientUpdate] = []
         # private tensors by (round, client): as loaded when the client started, as trained when it finished
         self.loaded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.trained: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -106,8 +79,6 @@ class Recorder(FederatedCallback):
         k = self._active_client
         if hasattr(pl_module, "private_tensors"):
             self.trained[self.round, k] = clone(pl_module.private_tensors())
-        state = {n: t.detach().clone() for n, t in pl_module.federated_state().items()}
-        self.updates.append(ClientUpdate(k, state, int(self._train_sizes[k]), pl_module.client_logits(k).clone()))
         super()._finish_client(pl_module)
 
 
@@ -405,7 +376,7 @@ def test_finetune_changes_the_evaluated_weights_but_not_the_global_model():
     assert tuned_metrics["val/mse"] < fedavg_metrics["val/mse"]
 
     untuned.load_state_dict(fedavg.state_dict())
-    t_untuned = trainer(1, FederatedCallback())
+    t_untuned = quiet_trainer(1, FederatedCallback())
     assert validate(t_untuned, untuned, data) == pytest.approx(fedavg_metrics)
 
     state = finetune.finetuned_state(3)
@@ -464,7 +435,7 @@ def test_state_survives_a_checkpoint_round_trip(method, tmp_path):
 @pytest.mark.parametrize("cls", [RegressionLocalAdaptorModule, RegressionDittoModule])
 def test_private_state_resumes_exactly(cls, tmp_path):
     def run(rounds, module, **kwargs):
-        t = trainer(rounds, FederatedCallback(clients_per_round=3, seed=2), default_root_dir=tmp_path)
+        t = quiet_trainer(rounds, FederatedCallback(clients_per_round=3, seed=2), default_root_dir=tmp_path)
         t.fit(module, datamodule=linear_data(), **kwargs)
         return t
 

@@ -7,6 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from federated_helpers import RecordingCallback, fit, linear_data
 from torch import nn
 
 from callbacks import FederatedCallback, sample_clients
@@ -18,47 +19,10 @@ from floral_lightning.module import ClientOptimizer, FloralModule, RouterOptions
 from floral_lightning.tasks import RegressionModule
 
 
-def linear_data(num_clients: int = 6, seed: int = 0) -> FederatedDataModule:
-    return FederatedDataModule(
-        SyntheticLinear(samples_per_client=20), num_clients=num_clients, num_clusters=2, batch_size=4, seed=seed
-    )
-
-
 def linear_module(num_clients: int = 6, noise: str = "none", **kwargs) -> RegressionModule:
     torch.manual_seed(0)
     options = {"router": RouterOptions(noise=noise), "optimizer": ClientOptimizer(lr=0.05, router_lr=0.1)}
     return RegressionModule(nn.Linear(10, 3), num_clients=num_clients, num_adaptors=2, rank=1, **(options | kwargs))
-
-
-def fit(module, data, rounds: int, callback: FederatedCallback, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        max_epochs=rounds,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
-    trainer.fit(module, datamodule=data)
-    return trainer
-
-
-class RecordingCallback(FederatedCallback):
-    """Keeps each client's report, and the global weights the round started from."""
-
-    def on_fit_start(self, trainer, pl_module):
-        super().on_fit_start(trainer, pl_module)
-        self.start = copy.deepcopy(self._global)
-        self.updates: list[ClientUpdate] = []
-
-    def _finish_client(self, pl_module):
-        k = self._active_client
-        state = {n: t.detach().clone() for n, t in pl_module.federated_state().items()}
-        self.updates.append(ClientUpdate(k, state, int(self._train_sizes[k]), pl_module.client_logits(k).clone()))
-        super()._finish_client(pl_module)
 
 
 def test_round_result_is_the_aggregation_rule_of_the_clients_results():

@@ -1,0 +1,54 @@
+"""Shared by the round-loop tests: tiny federated data, a quiet Trainer, and a callback that records each
+client's report."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+
+from callbacks import FederatedCallback
+from floral_lightning.aggregation import ClientUpdate
+from floral_lightning.data import FederatedDataModule, SyntheticLinear
+
+
+def linear_data(num_clients: int = 6, seed: int = 0) -> FederatedDataModule:
+    return FederatedDataModule(
+        SyntheticLinear(samples_per_client=20), num_clients=num_clients, num_clusters=2, batch_size=4, seed=seed
+    )
+
+
+def quiet_trainer(rounds: int, callback: FederatedCallback, validate: bool = False, **kwargs) -> L.Trainer:
+    """A Trainer of `rounds` rounds with no logger, checkpoints, progress bar or (unless asked) validation."""
+    return L.Trainer(
+        max_epochs=rounds,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if validate else 0,
+        **kwargs,
+    )
+
+
+def fit(module, data, rounds: int, callback: FederatedCallback | None = None, **kwargs) -> L.Trainer:
+    trainer = quiet_trainer(rounds, callback or FederatedCallback(), **kwargs)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+class RecordingCallback(FederatedCallback):
+    """Keeps the global weights the fit started from and every client's report (what it sends the server)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self.start = copy.deepcopy(self._global)
+        self.updates: list[ClientUpdate] = []
+
+    def _finish_client(self, pl_module):
+        k = self._active_client
+        state = {n: t.detach().clone() for n, t in pl_module.federated_state().items()}
+        self.updates.append(ClientUpdate(k, state, int(self._train_sizes[k]), pl_module.client_logits(k).clone()))
+        super()._finish_client(pl_module)
