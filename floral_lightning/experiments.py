@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "compare":
         compare(args)
     else:
+        results = Path(args.out) / "results.csv"
+        if not results.exists():
+            raise SystemExit(f"report: {results} does not exist; run 'compare' with the same --out first")
         report(Path(args.out), args)
 
 

@@ -36,6 +36,11 @@ def test_grid_report_and_resume(tmp_path, capsys):
     report = (tmp_path / "results.md").read_text()
     assert report.count(" n=1") == 2 and "--seeds 0 1" in report and "invocation's wall time" not in report
 
+    # a report of a folder that holds no grid says so, instead of a traceback
+    with pytest.raises(SystemExit, match=r"empty/results.csv does not exist; run 'compare'"):
+        main(["report", "--tasks", "synthetic_linear", "--methods", "fedavg", "--rounds", "3",
+              "--out", str(tmp_path / "empty")])  # fmt: skip
+
 
 def test_cell_value_is_the_mean_of_the_last_percent_of_rounds():
     history = {"val/acc": [(r, r / 1000) for r in range(10, 1001, 10)]}
