@@ -5,8 +5,10 @@
 
 Every cell is one ``train.py fit`` in its own process (a crash loses one cell, not the grid). Finished cells
 are recorded in ``OUT/results.csv`` and skipped when the command is run again, so an interrupted grid
-resumes where it stopped. The report is ``OUT/results.md`` (mean (std) over seeds, best per column in bold,
-parameter overhead per method) and ``OUT/curves_TASK.png`` (personalised metric vs round per method).
+resumes where it stopped. Each cell's curve (personalised metric per evaluated round) goes to
+``OUT/curves.csv``, so the report never needs the run logs under ``OUT/runs/``. The report is
+``OUT/results.md`` (mean (std) over seeds, best per column in bold, parameter overhead per method) and
+``OUT/curves_TASK.png`` (personalised metric vs round per method).
 The value of a cell is the mean of the evaluations in the last 1 % of rounds (at least the final one), as
 in the paper.
 """
@@ -168,6 +170,18 @@ def parameter_overhead(task: str, method: str, extra: list[str]) -> tuple[int, i
     return base, client_parameters(model) - base
 
 
+CURVE_FIELDS = ["task", "method", "seed", "rounds", "round", "value"]
+CellKey = tuple[str, str, str, str]  # (task, method, seed, rounds) as results.csv spells them
+
+
+def cell_key(row: dict) -> CellKey:
+    return str(row["task"]), str(row["method"]), str(row["seed"]), str(row["rounds"])
+
+
+def has_run_log(log_dir: Path) -> bool:
+    return any(log_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))
+
+
 def load_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
@@ -175,15 +189,37 @@ def load_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def append_row(path: Path, row: dict) -> None:
+def append_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Append to a CSV file (header first if new), synced: a killed grid keeps every finished cell."""
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerow(row)
+        writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
+
+
+def store_curve(path: Path, key: CellKey, points: list[tuple[int, float]]) -> None:
+    task, method, seed, rounds = key
+    rows = [{"task": task, "method": method, "seed": seed, "rounds": rounds, "round": r, "value": v} for r, v in points]
+    append_rows(path, rows, CURVE_FIELDS)
+
+
+def load_curves(out: Path, rows: list[dict[str, str]]) -> dict[CellKey, list[tuple[int, float]]]:
+    """The stored curve of each cell in ``rows``; a cell with none is read from its run log, where that
+    still exists, and stored. Cells with neither are absent."""
+    curves: dict[CellKey, list[tuple[int, float]]] = defaultdict(list)
+    for r in load_rows(out / "curves.csv"):
+        curves[cell_key(r)].append((int(r["round"]), float(r["value"])))
+    for r in rows:
+        key, log_dir = cell_key(r), out / r["log_dir"]
+        if key not in curves and has_run_log(log_dir):
+            points = read_history(log_dir).get(f"val/{r['metric']}", [])
+            store_curve(out / "curves.csv", key, points)
+            curves[key] = points
+    return {key: points for key, points in curves.items() if points}
 
 
 def run_cell(command: list[str], threads: int) -> tuple[subprocess.CompletedProcess, float]:
@@ -229,14 +265,16 @@ def compare(args: argparse.Namespace) -> None:
             if (task, method) not in overhead:
                 overhead[task, method] = parameter_overhead(task, method, args.override)
             base, extra_params = overhead[task, method]
+            history = read_history(log_dir)
             row = {
                 "task": task, "method": method, "seed": seed, "rounds": args.rounds,
-                **summarise_cell(read_history(log_dir), args.rounds),
+                **summarise_cell(history, args.rounds),
                 "base_params": base, "extra_params": extra_params,
                 "extra_percent": round(100.0 * extra_params / base, 2),
                 "wall_s": round(wall, 1), "log_dir": str(log_dir.relative_to(out)),
             }  # fmt: skip
-            append_row(csv_path, row)
+            store_curve(out / "curves.csv", cell_key(row), history.get(f"val/{row['metric']}", []))
+            append_rows(csv_path, [row], FIELDS)
     report(out, args, time.perf_counter() - start)
 
 
@@ -255,6 +293,8 @@ def report(out: Path, args: argparse.Namespace, wall: float | None = None) -> No
         and r["rounds"] == str(args.rounds)
         and r["seed"] in seeds
     ]
+    curves = load_curves(out, rows)
+    no_curve = sorted(cell_key(r) for r in rows if cell_key(r) not in curves)
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
         cells[r["method"], r["task"]].append(float(r["value"]))
@@ -307,12 +347,18 @@ def report(out: Path, args: argparse.Namespace, wall: float | None = None) -> No
                 f"| {METHODS[r['method']][0]} | {r['task']} | {int(r['base_params']):,} | "
                 f"{int(r['extra_params']):,} | {float(r['extra_percent']):.2f} |"
             )
+    if no_curve:
+        lines += ["", f"Curves: {len(no_curve)} cell(s) have no stored curve (run before curves were stored, "
+                  "their run logs gone) and are left out of the plots: "
+                  + ", ".join("/".join(key[:3]) for key in no_curve) + "."]  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot_curves(out, rows, args)
+    plot_curves(out, rows, curves, args)
 
 
-def plot_curves(out: Path, rows: list[dict[str, str]], args: argparse.Namespace) -> None:
+def plot_curves(
+    out: Path, rows: list[dict[str, str]], curves: dict[CellKey, list[tuple[int, float]]], args: argparse.Namespace
+) -> None:
     """One PNG per task: the personalised metric vs round, mean over seeds, one line per method."""
     import matplotlib
 
@@ -322,15 +368,12 @@ def plot_curves(out: Path, rows: list[dict[str, str]], args: argparse.Namespace)
     for task in args.tasks:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in args.methods:
-            runs = [r for r in rows if r["task"] == task and r["method"] == method]
-            curves = []
-            for r in runs:
-                history = read_history(out / r["log_dir"])
-                curves.append(dict(history.get(f"val/{r['metric']}", [])))
-            if not curves:
+            seeds = [dict(curves[cell_key(r)]) for r in rows
+                     if r["task"] == task and r["method"] == method and cell_key(r) in curves]  # fmt: skip
+            if not seeds:
                 continue
-            common = sorted(set.intersection(*(set(c) for c in curves)))
-            ax.plot(common, [statistics.fmean(c[x] for c in curves) for x in common], label=METHODS[method][0])
+            common = sorted(set.intersection(*(set(c) for c in seeds)))
+            ax.plot(common, [statistics.fmean(c[x] for c in seeds) for x in common], label=METHODS[method][0])
         ax.set_xlabel("round")
         ax.set_ylabel("personalised " + ("accuracy" if any(r["metric"] == "acc" for r in rows) else "MSE"))
         ax.set_title(task)

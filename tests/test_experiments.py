@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 
@@ -23,6 +24,11 @@ def test_grid_report_and_resume(tmp_path, capsys):
     report = (tmp_path / "results.md").read_text()
     assert "| FedAvg |" in report and "**" in report and "% increase" in report and "--jobs 2" in report
     assert (tmp_path / "curves_synthetic_linear.png").stat().st_size > 1000
+    curves = list(csv.DictReader((tmp_path / "curves.csv").open()))
+    # evaluated every round (rounds // 20, at least 1); the cell's value is the last 1 %: round 3 alone
+    assert sorted((r["method"], r["round"]) for r in curves) == [(m, str(i)) for m in ("fedavg", "floral1")
+                                                                 for i in (1, 2, 3)]  # fmt: skip
+    assert [r["value"] for r in curves if r["method"] == "fedavg" and r["round"] == "3"] == [fedavg["value"]]
 
     capsys.readouterr()
     main(args)  # everything is done: nothing runs again
@@ -35,6 +41,17 @@ def test_grid_report_and_resume(tmp_path, capsys):
     assert "synthetic_linear / " not in capsys.readouterr().out
     report = (tmp_path / "results.md").read_text()
     assert report.count(" n=1") == 2 and "--seeds 0 1" in report and "invocation's wall time" not in report
+
+    # the report needs no run logs: curves come from curves.csv; a cell with neither is named, not a crash
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "curves_synthetic_linear.png").unlink()
+    lines = (tmp_path / "curves.csv").read_text().splitlines()
+    (tmp_path / "curves.csv").write_text("\n".join(line for line in lines if ",floral1," not in line) + "\n")
+    main(["report", "--tasks", "synthetic_linear", "--methods", "fedavg", "floral1", "--rounds", "3",
+          "--out", str(tmp_path)])  # fmt: skip
+    assert "1 cell(s) have no stored curve" in (tmp_path / "results.md").read_text()
+    assert "synthetic_linear/floral1/0." in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "curves_synthetic_linear.png").stat().st_size > 1000
 
     # a report of a folder that holds no grid says so, instead of a traceback
     with pytest.raises(SystemExit, match=r"empty/results.csv does not exist; run 'compare'"):
