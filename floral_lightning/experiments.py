@@ -377,7 +377,8 @@ def plot_curves(
         ax.set_xlabel("round")
         ax.set_ylabel("personalised " + ("accuracy" if any(r["metric"] == "acc" for r in rows) else "MSE"))
         ax.set_title(task)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"curves_{task}.png", dpi=120)
         plt.close(fig)
