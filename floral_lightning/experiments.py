@@ -367,13 +367,18 @@ def plot_curves(
 
     for task in args.tasks:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in args.methods:
+        for i, method in enumerate(args.methods):
             seeds = [dict(curves[cell_key(r)]) for r in rows
                      if r["task"] == task and r["method"] == method and cell_key(r) in curves]  # fmt: skip
             if not seeds:
                 continue
             common = sorted(set.intersection(*(set(c) for c in seeds)))
-            ax.plot(common, [statistics.fmean(c[x] for c in seeds) for x in common], label=METHODS[method][0])
+            ax.plot(
+                common,
+                [statistics.fmean(c[x] for c in seeds) for x in common],
+                label=METHODS[method][0],
+                linestyle=("-", "--", ":")[i // 10 % 3],
+            )  # the colour cycle has 10 colours
         ax.set_xlabel("round")
         ax.set_ylabel("personalised " + ("accuracy" if any(r["metric"] == "acc" for r in rows) else "MSE"))
         ax.set_title(task)
@@ -398,9 +403,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         grid.add_argument("--out", required=True, help="folder for results.csv, results.md, curves and runs/")
         grid.add_argument("--override", action="append", default=[],
                           help="extra train.py argument for every cell, repeatable (e.g. a data source)")  # fmt: skip
-    run.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1)")
-    run.add_argument("--threads", type=int, default=0,
-                     help="torch threads per cell (default: CPU cores / jobs)")  # fmt: skip
+        # report takes them too (shown in its command line), so one set of arguments serves both verbs
+        grid.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1)")
+        grid.add_argument("--threads", type=int, default=0,
+                          help="torch threads per cell (default: CPU cores / jobs)")  # fmt: skip
     return parser.parse_args(argv)
 
 
