@@ -102,6 +102,13 @@ class FederatedCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if trainer.world_size != 1:
+            # Clients train one after another in one process; splitting a client's batches across processes
+            # would need the aggregation and the sampler state kept in step across them, which is not built.
+            raise ValueError(
+                f"FederatedCallback runs the round loop in one process, got world_size={trainer.world_size}; "
+                "set trainer.devices=1 and trainer.num_nodes=1"
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("FederatedCallback needs accumulate_grad_batches=1 (a client's steps are its own)")
         if trainer.val_check_interval != 1.0:

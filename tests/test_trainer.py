@@ -191,3 +191,17 @@ def test_seed_none_follows_seed_everything():
     assert FederatedCallback().seed == 7
     assert FederatedDataModule(SyntheticLinear(), num_clients=2).seed == 7
     assert FederatedCallback(seed=3).seed == 3
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, r"world_size=2; set trainer.devices=1"),
+        ({"accumulate_grad_batches": 2}, r"accumulate_grad_batches=1"),
+        ({"val_check_interval": 0.5}, r"val_check_interval=0.5: .* use check_val_every_n_epoch"),
+    ],
+)
+def test_settings_the_round_loop_cannot_honour_are_refused_by_name(setting, message):
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, **setting)
+    with pytest.raises(ValueError, match=message):
+        FederatedCallback().setup(trainer, linear_module(), "fit")
