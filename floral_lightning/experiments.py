@@ -380,7 +380,11 @@ def plot_curves(
                 linestyle=("-", "--", ":")[i // 10 % 3],
             )  # the colour cycle has 10 colours
         ax.set_xlabel("round")
-        ax.set_ylabel("personalised " + ("accuracy" if any(r["metric"] == "acc" for r in rows) else "MSE"))
+        if any(r["metric"] == "acc" for r in rows):
+            ax.set_ylabel("personalised accuracy")
+        else:  # errors span orders of magnitude between methods
+            ax.set_ylabel("personalised MSE")
+            ax.set_yscale("log")
         ax.set_title(task)
         if ax.lines:
             ax.legend(fontsize=7)
