@@ -210,16 +210,16 @@ def store_curve(path: Path, key: CellKey, points: list[tuple[int, float]]) -> No
 def load_curves(out: Path, rows: list[dict[str, str]]) -> dict[CellKey, list[tuple[int, float]]]:
     """The stored curve of each cell in ``rows``; a cell with none is read from its run log, where that
     still exists, and stored. Cells with neither are absent."""
-    curves: dict[CellKey, list[tuple[int, float]]] = defaultdict(list)
-    for r in load_rows(out / "curves.csv"):
-        curves[cell_key(r)].append((int(r["round"]), float(r["value"])))
+    curves: dict[CellKey, dict[int, float]] = defaultdict(dict)
+    for r in load_rows(out / "curves.csv"):  # a cell redone after a kill stored twice: the later one wins
+        curves[cell_key(r)][int(r["round"])] = float(r["value"])
     for r in rows:
         key, log_dir = cell_key(r), out / r["log_dir"]
         if key not in curves and has_run_log(log_dir):
             points = read_history(log_dir).get(f"val/{r['metric']}", [])
             store_curve(out / "curves.csv", key, points)
-            curves[key] = points
-    return {key: points for key, points in curves.items() if points}
+            curves[key] = dict(points)
+    return {key: sorted(points.items()) for key, points in curves.items() if points}
 
 
 def run_cell(command: list[str], threads: int) -> tuple[subprocess.CompletedProcess, float]:
@@ -380,7 +380,7 @@ def plot_curves(
                 linestyle=("-", "--", ":")[i // 10 % 3],
             )  # the colour cycle has 10 colours
         ax.set_xlabel("round")
-        if any(r["metric"] == "acc" for r in rows):
+        if any(r["metric"] == "acc" for r in rows if r["task"] == task):
             ax.set_ylabel("personalised accuracy")
         else:  # errors span orders of magnitude between methods
             ax.set_ylabel("personalised MSE")
