@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from floral_lightning.experiments import main, summarise_cell
+from floral_lightning.experiments import load_curves, main, summarise_cell
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,12 @@ def test_grid_report_and_resume(tmp_path, capsys):
     assert sorted((r["method"], r["round"]) for r in curves) == [(m, str(i)) for m in ("fedavg", "floral1")
                                                                  for i in (1, 2, 3)]  # fmt: skip
     assert [r["value"] for r in curves if r["method"] == "fedavg" and r["round"] == "3"] == [fedavg["value"]]
+    # a cell redone after a kill (curve stored, row not yet) has its curve twice: the later one wins
+    with (tmp_path / "curves.csv").open("a") as f:
+        f.write("synthetic_linear,fedavg,0,3,3,0.5\n")
+    fedavg_curve = {int(r["round"]): float(r["value"]) for r in curves if r["method"] == "fedavg"}
+    stored = load_curves(tmp_path, rows)
+    assert stored["synthetic_linear", "fedavg", "0", "3"] == sorted((fedavg_curve | {3: 0.5}).items())
 
     capsys.readouterr()
     main(args)  # everything is done: nothing runs again
