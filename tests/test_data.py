@@ -230,7 +230,7 @@ def test_synthetic_mlp_follows_generator() -> None:
     clients = src.make_clients(8, torch.arange(8) % 4, seed=1)
     assert clients[0].x_train.shape == (96, 10) and clients[0].y_test.shape == (24, 1)
     params = src.parameters(4, seed=1)
-    assert params["W"].shape == (10, 20) and params["W_out"].shape == (20, 1)
+    assert params["W"].shape == (10, 10) and params["W_out"].shape == (10, 1)  # teacher width d, as the reference
     for k, data in enumerate(clients):
         w = params["W"] + 2 * torch.outer(params["u"][k % 4], params["v"][k % 4])
         assert torch.allclose(data.y_train, torch.relu(data.x_train @ w + params["b"]) @ params["W_out"])

@@ -414,10 +414,13 @@ class SyntheticMLP(_SyntheticRegression):
 
     ``W ~ N(0, 1/d)`` is d×hidden, ``u_c ~ N(0, 1/d)`` in R^d, ``v_c ~ N(0, 1)`` in R^hidden,
     ``b ~ N(0, 1/d)``, ``W_out ~ N(0, 1/d)`` is hidden×1, ``x ~ N(0, I_d)``; 80/20 train/test per client.
+    The teacher's hidden width defaults to d, as in the reference generator (a d×d ``W``): the 10-20-1
+    student of the spec is twice as wide as the teacher. A teacher as wide as the student is a much harder
+    fit (FLoRAL 0.021 test MSE after 2000 rounds with ``hidden=20``, where the paper reports 0.004).
     """
 
     def __init__(
-        self, dim: int = 10, hidden: int = 20, samples_per_client: int = 120, test_fraction: float = 0.2
+        self, dim: int = 10, hidden: int = 10, samples_per_client: int = 120, test_fraction: float = 0.2
     ) -> None:
         super().__init__(dim, samples_per_client, test_fraction)
         if hidden < 1:
