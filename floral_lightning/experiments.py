@@ -111,11 +111,14 @@ def cell_command(task: str, method: str, seed: int, rounds: int, log_dir: Path, 
     ]  # fmt: skip
 
 
+RUN_LOG = "lightning_logs/version_*/events.out.tfevents.*"  # a cell's TensorBoard events, under its log dir
+
+
 def read_history(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every ``val/*`` scalar of a run as (round, value) pairs, from its TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = sorted(log_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))[-1:]
+    (events,) = sorted(log_dir.glob(RUN_LOG))[-1:]
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     step_to_round = {e.step: int(e.value) + 1 for e in acc.Scalars("epoch")}
@@ -179,7 +182,7 @@ def cell_key(row: dict) -> CellKey:
 
 
 def has_run_log(log_dir: Path) -> bool:
-    return any(log_dir.glob("lightning_logs/version_*/events.out.tfevents.*"))
+    return any(log_dir.glob(RUN_LOG))
 
 
 def load_rows(path: Path) -> list[dict[str, str]]:
@@ -207,9 +210,9 @@ def store_curve(path: Path, key: CellKey, points: list[tuple[int, float]]) -> No
     append_rows(path, rows, CURVE_FIELDS)
 
 
-def load_curves(out: Path, rows: list[dict[str, str]]) -> dict[CellKey, list[tuple[int, float]]]:
-    """The stored curve of each cell in ``rows``; a cell with none is read from its run log, where that
-    still exists, and stored. Cells with neither are absent."""
+def load_curves(out: Path, rows: list[dict[str, str]]) -> dict[CellKey, dict[int, float]]:
+    """The stored curve (round -> value) of each cell in ``rows``; a cell with none is read from its run log,
+    where that still exists, and stored. Cells with neither are absent."""
     curves: dict[CellKey, dict[int, float]] = defaultdict(dict)
     for r in load_rows(out / "curves.csv"):  # a cell redone after a kill stored twice: the later one wins
         curves[cell_key(r)][int(r["round"])] = float(r["value"])
@@ -219,7 +222,7 @@ def load_curves(out: Path, rows: list[dict[str, str]]) -> dict[CellKey, list[tup
             points = read_history(log_dir).get(f"val/{r['metric']}", [])
             store_curve(out / "curves.csv", key, points)
             curves[key] = dict(points)
-    return {key: sorted(points.items()) for key, points in curves.items() if points}
+    return {key: points for key, points in curves.items() if points}
 
 
 def run_cell(command: list[str], threads: int) -> tuple[subprocess.CompletedProcess, float]:
@@ -357,7 +360,7 @@ def report(out: Path, args: argparse.Namespace, wall: float | None = None) -> No
 
 
 def plot_curves(
-    out: Path, rows: list[dict[str, str]], curves: dict[CellKey, list[tuple[int, float]]], args: argparse.Namespace
+    out: Path, rows: list[dict[str, str]], curves: dict[CellKey, dict[int, float]], args: argparse.Namespace
 ) -> None:
     """One PNG per task: the personalised metric vs round, mean over seeds, one line per method."""
     import matplotlib
@@ -368,7 +371,7 @@ def plot_curves(
     for task in args.tasks:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, method in enumerate(args.methods):
-            seeds = [dict(curves[cell_key(r)]) for r in rows
+            seeds = [curves[cell_key(r)] for r in rows
                      if r["task"] == task and r["method"] == method and cell_key(r) in curves]  # fmt: skip
             if not seeds:
                 continue

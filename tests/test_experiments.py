@@ -34,7 +34,7 @@ def test_grid_report_and_resume(tmp_path, capsys):
         f.write("synthetic_linear,fedavg,0,3,3,0.5\n")
     fedavg_curve = {int(r["round"]): float(r["value"]) for r in curves if r["method"] == "fedavg"}
     stored = load_curves(tmp_path, rows)
-    assert stored["synthetic_linear", "fedavg", "0", "3"] == sorted((fedavg_curve | {3: 0.5}).items())
+    assert stored["synthetic_linear", "fedavg", "0", "3"] == fedavg_curve | {3: 0.5}
 
     capsys.readouterr()
     main(args)  # everything is done: nothing runs again
