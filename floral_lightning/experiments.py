@@ -410,7 +410,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         grid.add_argument("--out", required=True, help="folder for results.csv, results.md, curves and runs/")
         grid.add_argument("--override", action="append", default=[],
                           help="extra train.py argument for every cell, repeatable (e.g. a data source)")  # fmt: skip
-        # report takes them too (shown in its command line), so one set of arguments serves both verbs
+        # report accepts them too so that one argument list serves both verbs; it runs nothing, so for report
+        # --jobs only appears in the command line written to results.md and --threads has no effect
         grid.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1)")
         grid.add_argument("--threads", type=int, default=0,
                           help="torch threads per cell (default: CPU cores / jobs)")  # fmt: skip
