@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from floral_lightning.aggregation import ServerOptimizer, StreamingAggregator
-from floral_lightning.data import run_seed, seeded_generator
+from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
 
 
 def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, round_idx: int) -> list[int]:
@@ -46,7 +46,7 @@ def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, 
     if count == num_clients:
         return list(range(num_clients))
     # One generator per (seed, round): resuming or re-running any round reproduces its sample exactly.
-    generator = seeded_generator(seed, 0, round_idx)  # stream 0: client sampling (the loaders use stream 1)
+    generator = seeded_generator(seed, Stream.SETUP, round_idx)
     return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
 
 
@@ -164,6 +164,9 @@ class FederatedCallback(Callback):
             torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
+        # router noise and dropout: drawn from a stream of (seed, round, client), so a client's update does not
+        # depend on who trained before it, in which process, or whether the run was resumed
+        seed_local_training(self.seed, self.round, client_id)
         self._active_client = client_id
         pl_module.on_client_start(client_id)
 

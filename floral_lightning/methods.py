@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .data import seeded_generator
 from .ensemble import EnsembleModel
 from .module import ClientOptimizer, FloralModule, RouterOptions
+from .seeding import Stream, seeded_generator
 from .tasks import RegressionModule
 
 __all__ = [
@@ -48,9 +48,6 @@ __all__ = [
     "RegressionLocalAdaptorModule",
     "per_client_outputs",
 ]
-
-# seeded_generator stream of the fine-tuning batches (0: client sampling and data splits, 1: round loaders)
-_FINETUNE_STREAM = 2
 
 
 class ClientStates(nn.Module):
@@ -440,7 +437,7 @@ class FineTuneModule(FloralModule):
             optimizer = self._finetune_optimizer(params)
             n = len(y_all)
             for epoch in range(self.finetune_epochs if n else 0):
-                g = seeded_generator(getattr(datamodule, "seed", 0), _FINETUNE_STREAM, round_idx, client_id, epoch)
+                g = seeded_generator(getattr(datamodule, "seed", 0), Stream.FINETUNE, round_idx, client_id, epoch)
                 torch.manual_seed(g.initial_seed())  # dropout
                 perm = torch.randperm(n, generator=g)
                 for start in range(0, n, batch_size):

@@ -7,7 +7,6 @@ not grow with the number of clients and a client's data is a slice (no copy).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import lightning
 import numpy as np
 import torch
 
+from ..seeding import SplitStep, Stream, run_seed, seeded_generator
 from .sources import ArraySplits, ClientSource, DataSource
 from .transforms import label_shift, label_subset_mask, normalize, random_flip_crop, rotate
 
@@ -27,23 +27,6 @@ __all__ = [
     "run_seed",
     "seeded_generator",
 ]
-
-
-def run_seed(seed: int | None) -> int:
-    """``seed``, or when it is ``None`` the run's global seed (``seed_everything``, which Lightning exports as
-    ``PL_GLOBAL_SEED``; 0 if unset), so one ``--seed_everything=N`` seeds the data and the client sampling."""
-    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded from a tuple of integers.
-
-    NumPy's ``SeedSequence`` hashes the tuple, so nearby tuples such as (seed, round, client, epoch) give
-    unrelated streams (a linear combination of the keys would collide and correlate).
-    """
-    entropy = [int(k) % 2**64 for k in keys]
-    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 @dataclass
@@ -168,7 +151,7 @@ class RoundLoader:
         for k in clients:
             lo, hi = self.data.bounds(k)
             for epoch in range(self.local_epochs):
-                g = seeded_generator(self.seed, 1, round_idx, k, epoch)
+                g = seeded_generator(self.seed, Stream.LOADER, round_idx, k, epoch)
                 perm = torch.randperm(hi - lo, generator=g) + lo
                 for start in range(0, hi - lo, bs):
                     idx = perm[start : start + bs]
@@ -208,9 +191,6 @@ CLUSTER_TRANSFORMS = ("none", "rotate", "label_shift", "label_subsets")
 AUGMENTATIONS = ("none", "flip_crop")
 SPLITS = ("train", "val", "test")
 
-# stream tags for seeded_generator: every random decision of the split pipeline has its own stream, so
-# changing e.g. train_fraction leaves the partition untouched (tag 1 is the RoundLoader's shuffling)
-_PARTITION, _REDUCE, _VAL = 0, 2, 3
 _DIRICHLET_TRIES = 100
 
 
@@ -413,8 +393,8 @@ class FederatedDataModule(lightning.LightningDataModule):
             raise ValueError("FederatedDataModule: cluster_transform='rotate' needs uint8 images [N, C, H, W]")
 
         groups = self._groups()
-        train_g = seeded_generator(self.seed, 0, _PARTITION, 0, 0)
-        test_g = seeded_generator(self.seed, 0, _PARTITION, 1, 0)
+        train_g = seeded_generator(self.seed, Stream.SETUP, SplitStep.PARTITION, 0, 0)
+        test_g = seeded_generator(self.seed, Stream.SETUP, SplitStep.PARTITION, 1, 0)
         if self.dirichlet_alpha is None:
             train = self._split_groups(pool.y_train, groups, train_g, None)
             test = self._split_groups(pool.y_test, groups, test_g, None)
@@ -422,7 +402,8 @@ class FederatedDataModule(lightning.LightningDataModule):
             # One matrix of label proportions per group, shared by the train and test partitions, so a
             # client's test labels follow its own training distribution (independent draws would evaluate
             # each client on someone else's label mix). Redrawn while some client would get no training data.
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2**64, 0, _PARTITION, 2, 0]))
+            entropy = [self.seed % 2**64, int(Stream.SETUP), int(SplitStep.PARTITION), 2, 0]
+            rng = np.random.default_rng(np.random.SeedSequence(entropy))
             for _ in range(_DIRICHLET_TRIES):
                 props = [
                     rng.dirichlet([self.dirichlet_alpha] * len(members), size=self.num_classes) for members, _ in groups
@@ -467,7 +448,7 @@ class FederatedDataModule(lightning.LightningDataModule):
         """Keep ``max(min_train_size, round(train_fraction · n))`` (capped at n) random samples per client."""
         if self.train_fraction >= 1.0:
             return parts
-        g = seeded_generator(self.seed, 0, _REDUCE, 0, 0)
+        g = seeded_generator(self.seed, Stream.SETUP, SplitStep.REDUCE, 0, 0)
         out = []
         for p in parts:
             n = len(p)
@@ -479,7 +460,7 @@ class FederatedDataModule(lightning.LightningDataModule):
         """Move ``round(val_fraction · n)`` of each client's train samples to validation (at least one stays)."""
         if self.val_fraction == 0.0:
             return parts, None
-        g = seeded_generator(self.seed, 0, _VAL, 0, 0)
+        g = seeded_generator(self.seed, Stream.SETUP, SplitStep.VAL, 0, 0)
         train, val = [], []
         for p in parts:
             n = len(p)

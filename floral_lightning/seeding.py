@@ -1,0 +1,80 @@
+"""Every random decision of a run, drawn from a named stream of ``(seed, stream, *keys)``.
+
+A federated run must be a pure function of its seed and its checkpoint: resuming after round t, re-running one
+cell of a grid, or training round t's clients in another order (or in another process) must draw exactly the
+same numbers. So nothing draws from a generator whose state depends on what ran before it; each decision seeds
+its own generator from the keys that identify it:
+
+=======================  ==============================================  =======================================
+stream                   keys after the stream                           what it decides
+=======================  ==============================================  =======================================
+``SETUP``                ``round``                                       the clients sampled in a round
+``SETUP``                ``SplitStep, part, 0``                          the data split pipeline (partition, ...)
+``LOADER``               ``round, client, epoch``                        a client's batch order and augmentation
+``FINETUNE``             ``round, client, epoch``                        the FT baseline's fine-tuning batches
+``LOCAL_TRAINING``       ``round, client``                               router noise and dropout of a client's
+                                                                         local training (the global torch RNG is
+                                                                         seeded from it when the client starts)
+=======================  ==============================================  =======================================
+
+The numbers are part of the results' identity: changing a tag changes every split and sample drawn from it.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+__all__ = ["SplitStep", "Stream", "run_seed", "seed_local_training", "seeded_generator", "stream_seed"]
+
+
+class Stream(IntEnum):
+    """The first key after the run's seed: one per kind of random decision."""
+
+    SETUP = 0
+    LOADER = 1
+    FINETUNE = 2
+    LOCAL_TRAINING = 3
+
+
+class SplitStep(IntEnum):
+    """Sub-streams of ``Stream.SETUP`` for the data split pipeline: each step has its own, so changing e.g.
+    ``train_fraction`` leaves the partition untouched."""
+
+    PARTITION = 0
+    REDUCE = 2
+    VAL = 3
+
+
+def run_seed(seed: int | None) -> int:
+    """``seed``, or when it is ``None`` the run's global seed (``seed_everything``, which Lightning exports as
+    ``PL_GLOBAL_SEED``; 0 if unset), so one ``--seed_everything=N`` seeds the data and the client sampling."""
+    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def stream_seed(*keys: int) -> int:
+    """A 64-bit seed hashed from a tuple of integers.
+
+    NumPy's ``SeedSequence`` hashes the tuple, so nearby tuples such as (seed, round, client, epoch) give
+    unrelated streams (a linear combination of the keys would collide and correlate).
+    """
+    entropy = [int(k) % 2**64 for k in keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from ``stream_seed(*keys)``."""
+    return torch.Generator().manual_seed(stream_seed(*keys))
+
+
+def seed_local_training(seed: int, round_idx: int, client_id: int) -> None:
+    """Seed the global torch RNG (CPU and every CUDA device) for ``client_id``'s local training in ``round_idx``.
+
+    Router noise and dropout draw from the global RNG; seeding it per (seed, round, client) makes a client's
+    update independent of which clients trained before it, of the process that trains it, and of whether the
+    run was resumed — the RNG state never needs to be checkpointed.
+    """
+    torch.manual_seed(stream_seed(seed, Stream.LOCAL_TRAINING, round_idx, client_id) % 2**63)
