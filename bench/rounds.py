@@ -97,8 +97,8 @@ class FloorLoop:
     """
 
     def __init__(self, module: FloralModule, data: FederatedDataModule, clients_per_round: int | float) -> None:
-        self.model = module.model  # a FloralModel (or the bare base for FedAvg); no Lightning below this line
-        self.floral = module.is_floral
+        self.model = module.model  # a FloralModel (or a SharedModel for FedAvg); no Lightning below this line
+        self.floral = module.model.router is not None
         self.loader = data.train_dataloader()
         self.train_sizes = data.train_sizes
         self.num_clients = data.num_clients

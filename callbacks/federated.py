@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from floral_lightning.aggregation import ServerOptimizer, StreamingAggregator
+from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
 from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
 
 
@@ -93,10 +93,30 @@ class FederatedCallback(Callback):
         )
         self.round = 0
         self.clients: list[int] = []
+        # bound to the trainer's module and data in ``on_fit_start``
         self._global: dict[str, torch.Tensor] = {}
+        self._roles: dict[str, str] = {}
+        self._train_sizes: torch.Tensor | None = None
+        self._loader = None
         self._aggregator: StreamingAggregator | None = None
         self._active_client: int | None = None
         self._pending_server_state: dict | None = None
+
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The server's current global weights by name (the tensors themselves: clone what you keep)."""
+        return self._global
+
+    # --- hooks for subclasses: what happens to each client ------------------------------------------------
+    def on_client_start(self, trainer: L.Trainer, pl_module: L.LightningModule, client_id: int) -> None:
+        """Called when ``client_id`` starts local training, after it received the global weights and its
+        private state (``pl_module.on_client_start``)."""
+
+    def on_client_update(self, trainer: L.Trainer, pl_module: L.LightningModule, update: ClientUpdate) -> None:
+        """Called with each client's report after its local training, before the server aggregates it.
+
+        ``update.state`` holds the live model's tensors, which the next client overwrites: clone what you keep.
+        """
 
     # --- set-up ------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -154,7 +174,7 @@ class FederatedCallback(Callback):
         if client_id == self._active_client:
             return
         if self._active_client is not None:
-            self._finish_client(pl_module)
+            self._finish_client(trainer, pl_module)
         self._start_client(trainer, pl_module, client_id)
 
     def _start_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client_id: int) -> None:
@@ -169,11 +189,14 @@ class FederatedCallback(Callback):
         seed_local_training(self.seed, self.round, client_id)
         self._active_client = client_id
         pl_module.on_client_start(client_id)
+        self.on_client_start(trainer, pl_module, client_id)
 
-    def _finish_client(self, pl_module: L.LightningModule) -> None:
+    def _finish_client(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         k = self._active_client
         pl_module.on_client_end(k)
-        self._aggregator.add(pl_module.federated_state(), int(self._train_sizes[k]), pl_module.client_logits(k))
+        update = ClientUpdate(k, pl_module.federated_state(), int(self._train_sizes[k]), pl_module.client_logits(k))
+        self.on_client_update(trainer, pl_module, update)
+        self._aggregator.add(update.state, update.num_samples, update.logits)
         self._active_client = None
 
     def on_train_batch_end(
@@ -181,7 +204,7 @@ class FederatedCallback(Callback):
     ) -> None:
         if batch_idx + 1 < trainer.num_training_batches:
             return
-        self._finish_client(pl_module)
+        self._finish_client(trainer, pl_module)
         self._finish_round(trainer, pl_module)
 
     def _finish_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

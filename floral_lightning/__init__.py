@@ -8,7 +8,7 @@ from .layers import FloralConv, FloralConvTranspose, FloralEmbedding, FloralLaye
 from .model import FloralModel, ParameterOverhead
 from .router import ClientMixtures
 
-_LIGHTNING_EXPORTS = {"FloralModule": ".module", "RegressionModule": ".tasks", "FederatedDataModule": ".data"}
+_LIGHTNING_EXPORTS = {"FloralModule": ".module", "RegressionModule": ".module", "FederatedDataModule": ".data"}
 
 
 def __getattr__(name: str):

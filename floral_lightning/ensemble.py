@@ -4,20 +4,19 @@ Client k's output is ``sum_c w_{k,c} * model_c(x)`` with ``w_k`` from the same r
 (``ClientMixtures``). The C members are stored *stacked*: every parameter and buffer of the base network is
 one tensor with a leading dimension C, so the members play the role FLoRAL's adaptors play (role
 ``"adaptor"``, slice c averaged with p(k|c)) and the round loop and the aggregation rule need no change.
-The model has the interface ``FloralModule`` uses from ``FloralModel``.
+It is a ``PersonalizedModel`` like ``FloralModel``.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from .model import ParameterOverhead, Role
+from .personalized import ParameterOverhead, PersonalizedModel, Role
 from .router import ClientMixtures
 
 
@@ -32,7 +31,7 @@ def _reset_parameters_(module: nn.Module) -> bool:
     return found
 
 
-class EnsembleModel(nn.Module):
+class EnsembleModel(PersonalizedModel):
     """C independently initialised copies of ``base`` and a router of K private mixtures.
 
     Member 0 keeps the initial weights of ``base`` (so C = 1 is FedAvg from the same start); members 1..C-1
@@ -76,7 +75,7 @@ class EnsembleModel(nn.Module):
                 owner._buffers[attr] = value.clone()  # keeps the buffer's persistence
         self.router = ClientMixtures(num_clients, num_members, **(router or {}))
         self._roles: dict[str, Role] = {
-            n: ("private" if n.startswith("router.") else "adaptor") for n, _ in self._named_tensors()
+            n: ("private" if n.startswith("router.") else "adaptor") for n, _ in self.named_tensors()
         }
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
@@ -128,39 +127,7 @@ class EnsembleModel(nn.Module):
             raise ValueError(f"per-sample mixture for {mixture.shape[0]} samples, but the batch has {outs.shape[1]}")
         return torch.einsum("cb...,bc->b...", outs, mixture.to(outs.dtype))
 
-    # --- parameter roles (the interface of FloralModel) ---------------------------------------------------
-    def _named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.named_parameters()
-        yield from self.named_buffers()
-
-    @property
-    def roles(self) -> dict[str, Role]:
-        """``adaptor`` for the stacked members (leading dim C), ``private`` for the router."""
-        return dict(self._roles)
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """None: every weight belongs to one member."""
-        return []
-
-    def adaptor_parameters(self, index: int | None = None) -> list[torch.Tensor]:
-        """The stacked members' parameters (leading dim C), or views of member ``index`` alone."""
-        params = list(self.members.parameters())
-        return params if index is None else [p[index] for p in params]
-
-    def private_parameters(self) -> list[nn.Parameter]:
-        """The router logits."""
-        return list(self.router.parameters())
-
-    def shared_buffers(self) -> list[torch.Tensor]:
-        return []
-
-    def adaptor_buffers(self) -> list[torch.Tensor]:
-        return list(self.members.buffers())
-
-    def federated_state(self) -> dict[str, torch.Tensor]:
-        """The stacked members (parameters and buffers) by name: what the server averages."""
-        return {n: t for n, t in self._named_tensors() if self._roles[n] != "private"}
-
+    # --- the contract of PersonalizedModel: roles give the rest ----------------------------------------
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
         """Member ``index``'s tensors by their name in ``base`` (views), e.g. to load into a copy of ``base``."""
         return {n: t[index] for n, t in self.members.state_dict(keep_vars=True).items()}
@@ -175,6 +142,3 @@ class EnsembleModel(nn.Module):
             num_clients=self.router.num_clients,
             num_adaptors=self.num_adaptors,
         )
-
-    def precondition_gradients_(self, eps: float = 1e-5) -> None:
-        """No factors to precondition."""

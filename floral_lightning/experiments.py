@@ -44,7 +44,6 @@ TASKS: dict[str, tuple[list[str], int]] = {
     "synthetic_linear": (["conf/synthetic_linear.yaml"], 2),
     "synthetic_mlp": (["conf/synthetic_mlp.yaml"], 4),
 }
-REGRESSION_TASKS = ("synthetic_linear", "synthetic_mlp")
 
 FEDAVG = ["--model.init_args.num_adaptors=0"]
 ORACLE = ["--model.init_args.router.oracle=true"]
@@ -72,9 +71,8 @@ def method_overrides(task: str, method: str) -> list[str]:
     """The ``train.py`` arguments that turn a task's config into ``method``."""
     _, cls, overrides = METHODS[method]
     args = [o.replace("{C}", str(TASKS[task][1])) for o in overrides]
-    if cls is not None:
-        prefix = "Regression" if task in REGRESSION_TASKS else ""
-        args.insert(0, f"--model.class_path=floral_lightning.methods.{prefix}{cls}")
+    if cls is not None:  # the config's init_args (its task included) carry over to the method's class
+        args.insert(0, f"--model.class_path=floral_lightning.methods.{cls}")
     return args
 
 

@@ -14,7 +14,7 @@ inside the module, so it is saved in checkpoints and restored on resume, and it 
 ``federated_state()``: the round loop and the aggregator never see it. Evaluation batches mix clients;
 these methods score every sample with its own client's weights (``evaluation_outputs``), running each
 client's samples with ``torch.func.functional_call`` on its stored tensors, so the live model is never
-modified during evaluation. ``Regression*`` variants use the MSE loss of ``RegressionModule`` (synthetic tasks).
+modified during evaluation. Every method takes the ``task`` option (``task=regression`` for the synthetic tasks).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from torch.func import functional_call
 from .ensemble import EnsembleModel
 from .module import ClientOptimizer, FloralModule, RouterOptions
 from .seeding import Stream, seeded_generator
-from .tasks import RegressionModule
 
 __all__ = [
     "ClientStates",
@@ -40,12 +39,6 @@ __all__ = [
     "FedProxModule",
     "FineTuneModule",
     "LocalAdaptorModule",
-    "RegressionDittoModule",
-    "RegressionEnsembleModule",
-    "RegressionFedAvgModule",
-    "RegressionFedProxModule",
-    "RegressionFineTuneModule",
-    "RegressionLocalAdaptorModule",
     "per_client_outputs",
 ]
 
@@ -145,17 +138,6 @@ def _no_fixed_arg(kwargs: dict, name: str, value: Any, cls: str) -> None:
         raise ValueError(f"{cls} fixes {name}={value}")
 
 
-# FloralModule arguments that mean nothing to the Ensemble
-_FLORAL_ONLY = ["num_adaptors", "rank", "conv_split", "init", "alpha", "bias", "min_rank", "targets", "precondition"]
-
-
-def _drop_hparams(module: FloralModule, names: list[str]) -> None:
-    """Remove hyperparameters that ``FloralModule`` saved but a method fixes or ignores, so a checkpoint's
-    hyperparameters rebuild the method (``load_from_checkpoint``) and the logged ones are its own."""
-    module.remove_ignored_hparams(names)
-    module._hparams_initial = copy.deepcopy(module._hparams)
-
-
 class FedAvgModule(FloralModule):
     """FedAvg: one global model, no adaptors (``FloralModule`` with ``num_adaptors=0``).
 
@@ -165,10 +147,11 @@ class FedAvgModule(FloralModule):
         **kwargs: further ``FloralModule`` options (``optimizer``, ...).
     """
 
+    hparams_not_saved = ("num_adaptors",)  # fixed to 0
+
     def __init__(self, base: nn.Module, num_clients: int = 1, **kwargs: Any) -> None:
         _no_fixed_arg(kwargs, "num_adaptors", 0, type(self).__name__)
         super().__init__(base, num_clients, num_adaptors=0, **kwargs)
-        _drop_hparams(self, ["num_adaptors"])
 
 
 class LocalAdaptorModule(FloralModule):
@@ -185,10 +168,11 @@ class LocalAdaptorModule(FloralModule):
         **kwargs: further ``FloralModule`` options (``rank``, ``targets``, ``optimizer``, ...).
     """
 
+    hparams_not_saved = ("num_adaptors",)  # fixed to 1
+
     def __init__(self, base: nn.Module, num_clients: int = 1, **kwargs: Any) -> None:
         _no_fixed_arg(kwargs, "num_adaptors", 1, type(self).__name__)
         super().__init__(base, num_clients, num_adaptors=1, **kwargs)
-        _drop_hparams(self, ["num_adaptors"])
         self.model.router.logits.requires_grad_(False)
         self.private_names: tuple[str, ...] = tuple(n for n, r in self.model.roles.items() if r == "adaptor")
         self.client_states = ClientStates(num_clients, self.private_tensors())
@@ -241,7 +225,21 @@ class EnsembleModule(FloralModule):
         num_members: C.
         router: the mixture rule and its options.
         optimizer: the client optimizer.
+        task: what outputs are scored by (see ``FloralModule``).
     """
+
+    # the FloralModule options that mean nothing to the Ensemble
+    hparams_not_saved = (
+        "num_adaptors",
+        "rank",
+        "conv_split",
+        "init",
+        "alpha",
+        "bias",
+        "min_rank",
+        "targets",
+        "precondition",
+    )
 
     def __init__(
         self,
@@ -250,9 +248,9 @@ class EnsembleModule(FloralModule):
         num_members: int = 4,
         router: RouterOptions | None = None,
         optimizer: ClientOptimizer | None = None,
+        task: str | None = None,
     ) -> None:
-        super().__init__(base, num_clients, num_adaptors=0, router=router, optimizer=optimizer)
-        _drop_hparams(self, _FLORAL_ONLY)
+        super().__init__(base, num_clients, num_adaptors=0, router=router, optimizer=optimizer, task=task)
         router_kwargs = {k: v for k, v in vars(self.router_options).items() if k != "oracle"}
         self.model = EnsembleModel(base, num_clients, num_members, router_kwargs)
 
@@ -324,12 +322,13 @@ class DittoModule(FloralModule):
         **kwargs: further ``FloralModule`` options (``optimizer``, ...).
     """
 
+    hparams_not_saved = ("num_adaptors",)  # fixed to 0
+
     def __init__(
         self, base: nn.Module, num_clients: int = 1, lam: float = 0.1, personal_lr: float | None = None, **kwargs: Any
     ) -> None:
         _no_fixed_arg(kwargs, "num_adaptors", 0, type(self).__name__)
         super().__init__(base, num_clients, num_adaptors=0, **kwargs)
-        _drop_hparams(self, ["num_adaptors"])
         if lam < 0:
             raise ValueError(f"lam={lam}: must be >= 0")
         self.lam = lam
@@ -414,9 +413,6 @@ class FineTuneModule(FloralModule):
         self._finetuned: dict[int, dict[str, torch.Tensor]] = {}
         self._tuner: list[nn.Module] = []  # a plain list: the working copy is not part of the module
 
-    def _model_outputs(self, model: nn.Module, x: torch.Tensor, client_id: int) -> torch.Tensor:
-        return model(x, client_id) if self.is_floral else model(x)
-
     def finetuned_state(self, client_id: int) -> dict[str, torch.Tensor]:
         """Client ``client_id``'s fine-tuned copy of the current global weights (names inside ``model``)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -445,7 +441,7 @@ class FineTuneModule(FloralModule):
                     x = prep(x_all[idx], g).to(self.device)
                     y = y_all[idx].to(self.device)
                     optimizer.zero_grad(set_to_none=True)
-                    self.compute_loss(self._model_outputs(tuner, x, client_id), y).backward()
+                    self.compute_loss(tuner(x, client_id), y).backward()
                     optimizer.step()
             return {name: t.detach().clone() for name, t in _tensors(tuner).items()}
 
@@ -462,8 +458,7 @@ class FineTuneModule(FloralModule):
         if state is None:
             state = self.finetuned_state(client_id)
             self._finetuned[client_id] = state
-        args = (x, client_id) if self.is_floral else (x,)
-        return functional_call(self.model, state, args)
+        return functional_call(self.model, state, (x, client_id))
 
     def evaluation_outputs(self, x: torch.Tensor, client_ids: torch.Tensor) -> torch.Tensor:
         if self.finetune_epochs == 0:
@@ -490,28 +485,3 @@ class FineTuneModule(FloralModule):
     def on_test_epoch_end(self) -> None:
         self._reset_finetuning()
         super().on_test_epoch_end()
-
-
-# --- the same methods with the MSE loss and metric of RegressionModule (synthetic tasks) -----------------------
-class RegressionFedAvgModule(RegressionModule, FedAvgModule):
-    """``FedAvgModule`` with mean-squared-error regression."""
-
-
-class RegressionLocalAdaptorModule(RegressionModule, LocalAdaptorModule):
-    """``LocalAdaptorModule`` with mean-squared-error regression."""
-
-
-class RegressionEnsembleModule(RegressionModule, EnsembleModule):
-    """``EnsembleModule`` with mean-squared-error regression."""
-
-
-class RegressionFedProxModule(RegressionModule, FedProxModule):
-    """``FedProxModule`` with mean-squared-error regression."""
-
-
-class RegressionDittoModule(RegressionModule, DittoModule):
-    """``DittoModule`` with mean-squared-error regression."""
-
-
-class RegressionFineTuneModule(RegressionModule, FineTuneModule):
-    """``FineTuneModule`` with mean-squared-error regression."""

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .layers import FloralLayer, adaptor_kind, build_wrapper
+from .layers import FloralLayer, WrapperOptions, adaptable_types, adaptor_kind, build_wrapper
 from .layers.base import PATHS
+from .personalized import ParameterOverhead, PersonalizedModel, Role
 from .router import ClientMixtures
 
-Role = Literal["shared", "adaptor", "private"]
+__all__ = ["KINDS", "FloralModel", "ParameterOverhead", "Role", "client_runs"]
 KINDS = ("linear", "conv", "norm", "embedding")
 
 
@@ -26,41 +25,7 @@ def _matches(name: str, pattern: str | Sequence[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in pattern)
 
 
-@dataclass(frozen=True)
-class ParameterOverhead:
-    """Parameter counts of a FLoRAL model: the base, the C adaptors, and the router (K x C)."""
-
-    base: int
-    adaptors: int
-    router: int
-    num_clients: int
-    num_adaptors: int
-
-    @property
-    def adaptor_percent(self) -> float:
-        """Adaptor parameters as a percentage of the base model's."""
-        return 100.0 * self.adaptors / max(self.base, 1)
-
-    @property
-    def per_client(self) -> int:
-        """Private parameters per client: its C mixture logits."""
-        return self.num_adaptors
-
-    def as_markdown(self) -> str:
-        return (
-            "| part | parameters | % of base |\n|---|---:|---:|\n"
-            f"| base (shared) | {self.base:,} | 100.00 |\n"
-            f"| adaptors (C={self.num_adaptors}, federated) | {self.adaptors:,} | {self.adaptor_percent:.2f} |\n"
-            f"| router (K={self.num_clients} x C, private) | {self.router:,} | "
-            f"{100.0 * self.router / max(self.base, 1):.2f} |\n"
-            f"| per client (private) | {self.per_client} | - |"
-        )
-
-    def __str__(self) -> str:
-        return self.as_markdown()
-
-
-class FloralModel(nn.Module):
+class FloralModel(PersonalizedModel):
     """Wrap ``base`` with C low-rank adaptors per target layer and a router of K private mixtures.
 
     The target layers of ``base`` are replaced in place by explicit wrapper modules (``FloralLinear``,
@@ -111,6 +76,7 @@ class FloralModel(nn.Module):
         self.router = ClientMixtures(num_clients, num_adaptors, **(router or {}))
         enabled = {"linear": linear, "conv": conv, "norm": norm, "embedding": embedding}
         options = dict(rank=rank, conv_split=conv_split, init=init, alpha=alpha, bias=bias, min_rank=min_rank)
+        # registered wrappers of kinds other than the four switches are selected unless patterns exclude them
         targets = _select_targets(base, enabled, target_modules, exclude_modules)
         if not targets:
             raise ValueError(
@@ -118,7 +84,9 @@ class FloralModel(nn.Module):
                 f"{KINDS} that the model has, or check target_modules/exclude_modules"
             )
         for name in targets:
-            wrapper = build_wrapper(base.get_submodule(name), num_adaptors, name=name or "base", **options)
+            wrapper = build_wrapper(
+                base.get_submodule(name), num_adaptors, WrapperOptions(name=name or "base", **options)
+            )
             if not name:  # the base model is itself one adaptable layer, e.g. nn.Linear
                 self.base = wrapper
                 continue
@@ -173,7 +141,7 @@ class FloralModel(nn.Module):
     def _assign_roles(self) -> dict[str, Role]:
         adaptor_prefixes = tuple(f"base.{name}." if name else "base." for name, _ in self._floral_layers)
         roles: dict[str, Role] = {}
-        for name, _ in self._named_tensors():
+        for name, _ in self.named_tensors():
             if name.startswith("router."):
                 roles[name] = "private"
             elif name.startswith(adaptor_prefixes) and not _is_under_wrapped_base(name, adaptor_prefixes):
@@ -181,43 +149,6 @@ class FloralModel(nn.Module):
             else:
                 roles[name] = "shared"
         return roles
-
-    def _named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.named_parameters()
-        yield from self.named_buffers()
-
-    @property
-    def roles(self) -> dict[str, Role]:
-        """Every parameter's and buffer's role: ``shared`` (base), ``adaptor`` (stacked, leading dim C) or
-        ``private`` (the router)."""
-        return dict(self._roles)
-
-    def _by_role(self, role: Role, buffers: bool) -> list[tuple[str, torch.Tensor]]:
-        source = self.named_buffers() if buffers else self.named_parameters()
-        return [(n, t) for n, t in source if self._roles[n] == role]
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """The base model's parameters (federated with weights p(k))."""
-        return [p for _, p in self._by_role("shared", buffers=False)]
-
-    def adaptor_parameters(self, index: int | None = None) -> list[torch.Tensor]:
-        """The stacked adaptor parameters (leading dim C), or views of adaptor ``index`` alone."""
-        params = [p for _, p in self._by_role("adaptor", buffers=False)]
-        return params if index is None else [p[index] for p in params]
-
-    def private_parameters(self) -> list[nn.Parameter]:
-        """Per-client parameters that are never averaged: the router logits."""
-        return [p for _, p in self._by_role("private", buffers=False)]
-
-    def shared_buffers(self) -> list[torch.Tensor]:
-        return [b for _, b in self._by_role("shared", buffers=True)]
-
-    def adaptor_buffers(self) -> list[torch.Tensor]:
-        return [b for _, b in self._by_role("adaptor", buffers=True)]
-
-    def federated_state(self) -> dict[str, torch.Tensor]:
-        """Shared and adaptor tensors (parameters and buffers) by name: what the server averages."""
-        return {n: t for n, t in self._named_tensors() if self._roles[n] != "private"}
 
     # --- merging and reporting ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -245,19 +176,6 @@ class FloralModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, layer.merged_module(w))
         return merged
-
-    def overhead(self) -> ParameterOverhead:
-        """Parameter counts of the base, the adaptors and the router."""
-        count = {"shared": 0, "adaptor": 0, "private": 0}
-        for name, p in self.named_parameters():
-            count[self._roles[name]] += p.numel()
-        return ParameterOverhead(
-            base=count["shared"],
-            adaptors=count["adaptor"],
-            router=count["private"],
-            num_clients=self.router.num_clients,
-            num_adaptors=self.num_adaptors,
-        )
 
     @torch.no_grad()
     def precondition_gradients_(self, eps: float = 1e-5) -> None:
@@ -302,8 +220,7 @@ def _select_targets(
                     if adaptor_kind(base.get_submodule(n)) is None:
                         raise TypeError(
                             f"target module {n!r} is a {type(base.get_submodule(n)).__name__}, which FLoRAL cannot "
-                            "adapt: adaptable types are Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, "
-                            "BatchNorm, LayerNorm, GroupNorm and InstanceNorm"
+                            f"adapt: adaptable types are {adaptable_types()} (register_layer adds a wrapper)"
                         )
     if exclude_modules is not None:
         patterns = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
@@ -318,7 +235,7 @@ def _select_targets(
         if target_modules is not None:
             if not _matches(name, target_modules):
                 continue
-        elif not enabled[kind]:
+        elif not enabled.get(kind, True):
             continue
         if exclude_modules is not None and _matches(name, exclude_modules):
             continue

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .ensemble import EnsembleModel
 from .metrics import PerClientMean, adjusted_rand_index, mixture_heatmap, summarize_clients
 from .model import FloralModel
+from .personalized import PersonalizedModel, SharedModel
+from .tasks import Task, get_task
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 
@@ -92,10 +92,15 @@ class FloralModule(L.LightningModule):
         router: the mixture rule and its options.
         optimizer: the client optimizer and per-group learning rates.
         precondition: precondition the factor gradients (spec §2) before every optimizer step.
+        task: what outputs are scored by: ``"classification"`` or ``"regression"`` (``floral_lightning.tasks``;
+            ``None``: the class's ``default_task``).
     """
 
-    #: metrics from ``compute_metrics`` where larger is better (decides the "worst client")
-    higher_is_better: frozenset[str] = frozenset({"acc"})
+    #: the task when ``task`` is not given (``RegressionModule`` changes it)
+    default_task: str = "classification"
+    #: constructor arguments a subclass fixes or ignores: left out of the saved hyperparameters, so a
+    #: checkpoint's hyperparameters rebuild the subclass (``load_from_checkpoint``) and the logged ones are its own
+    hparams_not_saved: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -112,9 +117,10 @@ class FloralModule(L.LightningModule):
         router: RouterOptions | None = None,
         optimizer: ClientOptimizer | None = None,
         precondition: bool = False,
+        task: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["base"])
+        self.save_hyperparameters(ignore=["base", *self.hparams_not_saved])
         if num_adaptors < 0:
             raise ValueError(f"num_adaptors={num_adaptors}: must be >= 1 (FLoRAL) or 0 (FedAvg)")
         self.targets = targets or Targets()
@@ -124,11 +130,12 @@ class FloralModule(L.LightningModule):
             raise ValueError(f"optimizer.name={self.optimizer_options.name!r}: expected one of {CLIENT_OPTIMIZERS}")
         self.num_clients = num_clients
         self.precondition = precondition
+        self.task: Task = get_task(task or self.default_task)
         # the round's local losses so far (see ``_record_train_loss``)
         self._loss_client: int | None = None
         self._loss_sum, self._loss_count = torch.zeros(()), 0
         if num_adaptors == 0:
-            self.model: nn.Module = base
+            self.model: PersonalizedModel = SharedModel(base)
         else:
             router_kwargs = {k: v for k, v in vars(self.router_options).items() if k != "oracle"}
             self.model = FloralModel(
@@ -146,40 +153,26 @@ class FloralModule(L.LightningModule):
             )
         self._metrics: dict[str, nn.ModuleDict] = {}
 
-    @property
-    def is_floral(self) -> bool:
-        """Whether the model has a router of client mixtures (FLoRAL, or the Ensemble baseline)."""
-        return isinstance(self.model, (FloralModel, EnsembleModel))
-
     # --- the model ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, client_ids: int | torch.Tensor) -> torch.Tensor:
         """Predictions for ``x`` personalised to ``client_ids`` (an int, or a LongTensor with one id per sample)."""
-        return self.model(x, client_ids) if self.is_floral else self.model(x)
+        return self.model(x, client_ids)
 
     def federated_state(self) -> dict[str, torch.Tensor]:
         """The tensors the server averages, by name (the base, and the adaptors if any)."""
-        if self.is_floral:
-            return self.model.federated_state()
-        return dict(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+        return self.model.federated_state()
 
     def federated_roles(self) -> dict[str, str]:
         """``shared`` or ``adaptor`` for every tensor of ``federated_state``."""
-        if self.is_floral:
-            return {n: r for n, r in self.model.roles.items() if r != "private"}
-        return dict.fromkeys(self.federated_state(), "shared")
+        return self.model.federated_roles()
 
     def client_logits(self, client_id: int) -> torch.Tensor:
         """The router logits of one client (a single zero logit for FedAvg)."""
-        if self.is_floral:
-            return self.model.router.logits[client_id].detach()
-        return torch.zeros(1)
+        return self.model.client_logits(client_id)
 
     def client_mixtures(self) -> torch.Tensor | None:
         """All clients' mixtures ``softmax(theta / T)`` [K, C] (rows sum to 1), or ``None`` for FedAvg."""
-        if not self.is_floral:
-            return None
-        router = self.model.router
-        return torch.softmax(router.logits.detach() / router.temperature, dim=-1)
+        return self.model.client_mixtures()
 
     def on_client_start(self, client_id: int) -> None:
         """Called by the round loop when ``client_id`` starts local training, after the global weights are
@@ -190,19 +183,19 @@ class FloralModule(L.LightningModule):
         aggregated: methods with private per-client state store it here."""
 
     # --- what a subclass overrides for a new task --------------------------------------------------------
+    @property
+    def higher_is_better(self) -> frozenset[str]:
+        """Metrics from ``compute_metrics`` where larger is better (decides the "worst client"); a subclass
+        with metrics of its own may set this as a class attribute."""
+        return self.task.higher_is_better
+
     def compute_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training loss of a batch (cross-entropy; override for other tasks)."""
-        return F.cross_entropy(outputs, targets)
+        """The training loss of a batch (the task's; override for a one-off task)."""
+        return self.task.loss(outputs, targets)
 
     def compute_metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample scores ``{name: Tensor[B]}``; each is averaged per client and summarised over clients.
-
-        List the names where larger is better in ``higher_is_better``.
-        """
-        return {
-            "acc": (outputs.argmax(-1) == targets).float(),
-            "loss": F.cross_entropy(outputs, targets, reduction="none"),
-        }
+        """Per-sample scores ``{name: Tensor[B]}``; each is averaged per client and summarised over clients."""
+        return self.task.metrics(outputs, targets)
 
     # --- Lightning hooks ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -213,24 +206,22 @@ class FloralModule(L.LightningModule):
                 f"model.num_clients={self.num_clients} but the data module has num_clients={data_clients}; "
                 "link them (train.py does) or set both to the same value"
             )
-        if self.is_floral and self.router_options.oracle and not self.model.router.frozen:
+        router = self.model.router
+        if self.router_options.oracle and router is not None and not router.frozen:
             clusters = getattr(datamodule, "clusters", None)
             if clusters is None:
                 raise ValueError("router.oracle=true needs a data module with true client clusters (`clusters`)")
-            self.model.router.set_oracle(clusters % self.model.num_adaptors)
+            router.set_oracle(clusters % router.num_adaptors)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt = self.optimizer_options
-        if self.is_floral:
-            groups = [
-                {"params": self.model.shared_parameters(), "lr": opt.lr},
-                {"params": self.model.adaptor_parameters(), "lr": opt.adaptor_lr or opt.lr},
-            ]
-            router = [p for p in self.model.private_parameters() if p.requires_grad]
-            if router:
-                groups.append({"params": router, "lr": opt.router_lr, "weight_decay": 0.0})
-        else:
-            groups = [{"params": list(self.model.parameters()), "lr": opt.lr}]
+        groups = [
+            {"params": self.model.shared_parameters(), "lr": opt.lr},
+            {"params": self.model.adaptor_parameters(), "lr": opt.adaptor_lr or opt.lr},
+            {"params": [p for p in self.model.private_parameters() if p.requires_grad], "lr": opt.router_lr},
+        ]
+        groups[-1]["weight_decay"] = 0.0  # the router: a client's logits change only when that client trains
+        groups = [g for g in groups if g["params"]]
         if opt.name == "sgd":
             return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
         return torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
@@ -241,10 +232,9 @@ class FloralModule(L.LightningModule):
         self._record_train_loss(
             int(client_id), loss.detach(), len(x), last=batch_idx + 1 == self.trainer.num_training_batches
         )
-        if self.is_floral:
-            penalty = self.model.router.entropy_loss(client_id)
-            if penalty is not None:
-                loss = loss + penalty
+        penalty = None if self.model.router is None else self.model.router.entropy_loss(client_id)
+        if penalty is not None:
+            loss = loss + penalty
         return loss
 
     def _record_train_loss(self, client_id: int, loss: torch.Tensor, batch_size: int, last: bool) -> None:
@@ -266,7 +256,7 @@ class FloralModule(L.LightningModule):
             self._loss_client, self._loss_sum, self._loss_count = None, torch.zeros(()), 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.precondition and self.is_floral:
+        if self.precondition:
             self.model.precondition_gradients_()
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
@@ -330,5 +320,11 @@ class FloralModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         experiment = getattr(self.logger, "experiment", None)
-        if self.is_floral and hasattr(experiment, "add_text"):
+        if self.model.router is not None and hasattr(experiment, "add_text"):
             experiment.add_text("model/overhead", self.model.overhead().as_markdown(), global_step=0)
+
+
+class RegressionModule(FloralModule):
+    """``FloralModule`` with ``task="regression"`` by default (mean squared error; the synthetic tasks)."""
+
+    default_task = "regression"

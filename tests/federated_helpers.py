@@ -44,11 +44,9 @@ class RecordingCallback(FederatedCallback):
 
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
-        self.start = copy.deepcopy(self._global)
+        self.start = copy.deepcopy(self.global_state)
         self.updates: list[ClientUpdate] = []
 
-    def _finish_client(self, pl_module):
-        k = self._active_client
-        state = {n: t.detach().clone() for n, t in pl_module.federated_state().items()}
-        self.updates.append(ClientUpdate(k, state, int(self._train_sizes[k]), pl_module.client_logits(k).clone()))
-        super()._finish_client(pl_module)
+    def on_client_update(self, trainer, pl_module, update):
+        state = {n: t.detach().clone() for n, t in update.state.items()}
+        self.updates.append(ClientUpdate(update.client_id, state, update.num_samples, update.logits.clone()))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from floral_lightning.cli import main
-from floral_lightning.tasks import RegressionModule
+from floral_lightning.module import RegressionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -24,17 +24,10 @@ from floral_lightning.methods import (
     FedProxModule,
     FineTuneModule,
     LocalAdaptorModule,
-    RegressionDittoModule,
-    RegressionEnsembleModule,
-    RegressionFedAvgModule,
-    RegressionFedProxModule,
-    RegressionFineTuneModule,
-    RegressionLocalAdaptorModule,
     per_client_outputs,
 )
 from floral_lightning.models import MLP
-from floral_lightning.module import ClientOptimizer, RouterOptions
-from floral_lightning.tasks import RegressionModule
+from floral_lightning.module import ClientOptimizer, RegressionModule, RouterOptions
 
 OPTIMIZER = ClientOptimizer(lr=0.05, router_lr=0.1)
 
@@ -51,8 +44,10 @@ def image_data(num_clients: int = 4) -> FederatedDataModule:
 
 
 def linear(cls, num_clients: int = 6, seed: int = 0, **kwargs):
+    """``cls`` on a linear model and the regression task (any method takes ``task``)."""
     torch.manual_seed(seed)
-    return cls(nn.Linear(10, 3), num_clients=num_clients, **({"optimizer": OPTIMIZER} | kwargs))
+    defaults = {"optimizer": OPTIMIZER} | ({} if cls is RegressionModule else {"task": "regression"})
+    return cls(nn.Linear(10, 3), num_clients=num_clients, **(defaults | kwargs))
 
 
 def validate(t: L.Trainer, module, data) -> dict[str, float]:
@@ -70,16 +65,14 @@ class Recorder(RecordingCallback):
         self.loaded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.trained: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
-    def _start_client(self, trainer, pl_module, client_id):
-        super()._start_client(trainer, pl_module, client_id)
+    def on_client_start(self, trainer, pl_module, client_id):
         if hasattr(pl_module, "private_tensors"):
             self.loaded[self.round, client_id] = clone(pl_module.private_tensors())
 
-    def _finish_client(self, pl_module):
-        k = self._active_client
+    def on_client_update(self, trainer, pl_module, update):
+        super().on_client_update(trainer, pl_module, update)
         if hasattr(pl_module, "private_tensors"):
-            self.trained[self.round, k] = clone(pl_module.private_tensors())
-        super()._finish_client(pl_module)
+            self.trained[self.round, update.client_id] = clone(pl_module.private_tensors())
 
 
 def clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +133,7 @@ def test_per_client_outputs_puts_outputs_back_in_batch_order():
 # --- Local Adaptor -----------------------------------------------------------------------------------------
 def test_local_adaptor_adaptors_are_never_averaged():
     data = linear_data()
-    module = linear(RegressionLocalAdaptorModule, rank=1)
+    module = linear(LocalAdaptorModule, rank=1)
     assert module.private_names == ("base.adaptor_A", "base.adaptor_B", "base.adaptor_bias")
     assert set(module.private_names).isdisjoint(module.federated_roles())
     assert set(module.private_names).isdisjoint(module.federated_state())
@@ -165,7 +158,7 @@ def test_local_adaptor_adaptors_are_never_averaged():
 
 def test_local_adaptor_evaluates_each_client_with_its_own_adaptor():
     data = linear_data()
-    module = linear(RegressionLocalAdaptorModule, rank=1)
+    module = linear(LocalAdaptorModule, rank=1)
     t = fit(module, data, 2, FederatedCallback(clients_per_round=1.0))
     module.eval()
     errors = []
@@ -191,7 +184,7 @@ def test_oracle_router_never_changes(method):
     if method == "floral":
         module = linear(RegressionModule, num_adaptors=2, rank=1, router=router)
     else:
-        module = linear(RegressionEnsembleModule, num_members=2, router=router)
+        module = linear(EnsembleModule, num_members=2, router=router)
     before = copy.deepcopy(module.federated_state())
     recorder = Recorder(clients_per_round=1.0)
     fit(module, linear_data(), 2, recorder)
@@ -250,8 +243,8 @@ def test_ensemble_with_one_member_equals_fedavg():
     ensemble = EnsembleModule(copy.deepcopy(base), num_clients=4, num_members=1, optimizer=OPTIMIZER)
     fit(fedavg, image_data(), 2, FederatedCallback(clients_per_round=2, seed=3))
     fit(ensemble, image_data(), 2, FederatedCallback(clients_per_round=2, seed=3))
-    assert not torch.equal(fedavg.model[1].weight, base[1].weight)  # it trained
-    for name, tensor in fedavg.model.state_dict().items():
+    assert not torch.equal(fedavg.model.base[1].weight, base[1].weight)  # it trained
+    for name, tensor in fedavg.model.base.state_dict().items():
         torch.testing.assert_close(ensemble.model.member_state(0)[name], tensor, msg=name)
     fedavg.eval(), ensemble.eval()
     data = image_data()
@@ -265,16 +258,16 @@ def test_ensemble_with_one_member_equals_fedavg():
 def test_fedprox_with_mu_zero_is_fedavg_and_mu_keeps_clients_near_the_global_model():
     runs = {}
     for name, cls, kwargs in [
-        ("fedavg", RegressionFedAvgModule, {}),
-        ("mu0", RegressionFedProxModule, {"mu": 0.0}),
-        ("mu5", RegressionFedProxModule, {"mu": 5.0}),
+        ("fedavg", FedAvgModule, {}),
+        ("mu0", FedProxModule, {"mu": 0.0}),
+        ("mu5", FedProxModule, {"mu": 5.0}),
     ]:
         module = linear(cls, **kwargs)
         recorder = Recorder(clients_per_round=1.0)
         fit(module, linear_data(), 2, recorder)
         runs[name] = (module, recorder)
     fedavg, mu0, mu5 = (runs[n][0].federated_state() for n in ("fedavg", "mu0", "mu5"))
-    assert fedavg.keys() == mu0.keys() == mu5.keys() == {"weight", "bias"}
+    assert fedavg.keys() == mu0.keys() == mu5.keys() == {"base.weight", "base.bias"}
     for name in fedavg:
         torch.testing.assert_close(mu0[name], fedavg[name], rtol=0, atol=0)
         assert not torch.allclose(mu5[name], fedavg[name])
@@ -289,18 +282,18 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_keeps_clients_near_the_global_mod
 
 
 def test_fedprox_adds_its_term_to_floral():
-    module = linear(RegressionFedProxModule, mu=1.0, num_adaptors=2, rank=1)
-    assert module.is_floral
+    module = linear(FedProxModule, mu=1.0, num_adaptors=2, rank=1)
+    assert module.model.router is not None
     fit(module, linear_data(), 1, FederatedCallback(clients_per_round=1.0))
     assert module.proximal_term() is None  # outside a client's training
 
 
 # --- Ditto -------------------------------------------------------------------------------------------------
 def test_ditto_global_model_is_fedavg_and_personal_models_stay_private():
-    fedavg = linear(RegressionFedAvgModule)
-    ditto = linear(RegressionDittoModule, lam=0.1)
-    assert set(ditto.federated_state()) == set(fedavg.federated_state()) == {"weight", "bias"}
-    assert set(ditto.federated_roles()) == {"weight", "bias"}
+    fedavg = linear(FedAvgModule)
+    ditto = linear(DittoModule, lam=0.1)
+    assert set(ditto.federated_state()) == set(fedavg.federated_state()) == {"base.weight", "base.bias"}
+    assert set(ditto.federated_roles()) == {"base.weight", "base.bias"}
     with torch.no_grad():  # every client starts from its own personal model
         for buffer in ditto.client_states.buffers():
             buffer.normal_()
@@ -309,7 +302,7 @@ def test_ditto_global_model_is_fedavg_and_personal_models_stay_private():
     recorder = Recorder(clients_per_round=3, seed=4)
     fit(ditto, linear_data(), 2, recorder)
     # the aggregator never saw a personal model, and the global model trained exactly as FedAvg's
-    assert all(set(u.state) == {"weight", "bias"} for u in recorder.updates)
+    assert all(set(u.state) == {"base.weight", "base.bias"} for u in recorder.updates)
     for name, tensor in fedavg.federated_state().items():
         torch.testing.assert_close(ditto.federated_state()[name], tensor, msg=name)
 
@@ -322,7 +315,7 @@ def test_ditto_global_model_is_fedavg_and_personal_models_stay_private():
 
 def test_ditto_personal_models_are_pulled_towards_the_global_model():
     def personal_distance(lam):
-        module = linear(RegressionDittoModule, lam=lam)
+        module = linear(DittoModule, lam=lam)
         recorder = Recorder(clients_per_round=1.0)
         fit(module, linear_data(), 1, recorder)
         start = recorder.start
@@ -335,7 +328,7 @@ def test_ditto_personal_models_are_pulled_towards_the_global_model():
 
 def test_ditto_evaluates_each_clients_personal_model():
     data = linear_data()
-    module = linear(RegressionDittoModule, lam=0.1)
+    module = linear(DittoModule, lam=0.1)
     t = fit(module, data, 2, FederatedCallback(clients_per_round=1.0))
     first = validate(t, module, data)
 
@@ -358,9 +351,9 @@ def test_ditto_evaluates_each_clients_personal_model():
 # --- FedAvg + fine-tuning ----------------------------------------------------------------------------------
 def test_finetune_changes_the_evaluated_weights_but_not_the_global_model():
     data = linear_data()
-    fedavg = linear(RegressionFedAvgModule)
-    finetune = linear(RegressionFineTuneModule, finetune_epochs=2)
-    untuned = linear(RegressionFineTuneModule, finetune_epochs=0)
+    fedavg = linear(FedAvgModule)
+    finetune = linear(FineTuneModule, finetune_epochs=2)
+    untuned = linear(FineTuneModule, finetune_epochs=0)
     runs = [(m, fit(m, data, 2, FederatedCallback(clients_per_round=1.0), validate=True)) for m in (fedavg, finetune)]
     # training unaffected by the per-round evaluations with fine-tuning
     for name, tensor in fedavg.state_dict().items():
@@ -432,14 +425,14 @@ def test_state_survives_a_checkpoint_round_trip(method, tmp_path):
     assert_states_equal(reloaded.state_dict(), state)
 
 
-@pytest.mark.parametrize("cls", [RegressionLocalAdaptorModule, RegressionDittoModule])
+@pytest.mark.parametrize("cls", [LocalAdaptorModule, DittoModule])
 def test_private_state_resumes_exactly(cls, tmp_path):
     def run(rounds, module, **kwargs):
         t = quiet_trainer(rounds, FederatedCallback(clients_per_round=3, seed=2), default_root_dir=tmp_path)
         t.fit(module, datamodule=linear_data(), **kwargs)
         return t
 
-    kwargs = {"rank": 1} if cls is RegressionLocalAdaptorModule else {}
+    kwargs = {"rank": 1} if cls is LocalAdaptorModule else {}
     full = linear(cls, **kwargs)
     run(4, full)
     first = linear(cls, **kwargs)
@@ -456,5 +449,5 @@ def test_methods_fix_what_they_define():
         LocalAdaptorModule(nn.Linear(2, 2), num_adaptors=3)
     with pytest.raises(ValueError, match="fixes num_adaptors=0"):
         DittoModule(nn.Linear(2, 2), num_adaptors=2)
-    assert not FedAvgModule(nn.Linear(2, 2)).is_floral
-    assert EnsembleModule(nn.Linear(2, 2), num_members=2).is_floral
+    assert FedAvgModule(nn.Linear(2, 2)).model.router is None
+    assert EnsembleModule(nn.Linear(2, 2), num_members=2).model.router is not None

@@ -6,9 +6,8 @@ import torch
 from federated_helpers import RecordingCallback, fit, linear_data
 from torch import nn
 
-from floral_lightning.module import ClientOptimizer, RouterOptions
+from floral_lightning.module import ClientOptimizer, RegressionModule, RouterOptions
 from floral_lightning.seeding import Stream, seed_local_training, seeded_generator, stream_seed
-from floral_lightning.tasks import RegressionModule
 
 
 def test_streams_are_reproducible_and_distinct():

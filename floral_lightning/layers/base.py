@@ -32,7 +32,7 @@ PATHS = ("auto", "merged", "factorised", "naive")
 class FloralLayer(nn.Module):
     """Base class of the wrappers: ``base`` plus C stacked adaptors mixed by a mixture vector."""
 
-    #: base layer types this wrapper adapts (checked by ``FloralModel``)
+    #: base layer types this wrapper adapts (the layer registry matches modules against it: ``register_layer``)
     adapts: tuple[type[nn.Module], ...] = ()
     #: with a per-sample mixture in runs, the shortest mean run length (samples per client) from which "auto"
     #: runs each run through the merged path rather than the batch through the factorised one; None: never
