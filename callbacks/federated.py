@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
 
 from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
 from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
@@ -62,13 +62,14 @@ class FederatedCallback(Callback):
         clients_per_round: clients sampled each round: a count, or a fraction of all clients.
         local_epochs: passes over its train data each sampled client makes per round.
         seed: seed of the client sampling (``None``: the run's ``seed_everything``).
-        server_optimizer: ``"sgd"`` (lr 1, no momentum = plain averaging; momentum = FedAvgM) or ``"adam"``
-            (FedAdam).
-        server_lr: server learning rate of the base (shared) weights.
+        server_optimizer: ``"sgd"`` (lr 1, no momentum = plain averaging; momentum = FedAvgM), ``"avgm"``
+            (FedAvgM), ``"adam"`` (FedAdam) or ``"yogi"`` (FedYogi); see ``ServerOptimizer``.
+        server_lr: server learning rate of the base (shared) weights (``None``: the optimizer's default, 1 for
+            sgd/avgm and 1e-2 for adam/yogi, see ``SERVER_DEFAULTS``).
         server_adaptor_lr: server learning rate of the adaptors (``None``: ``server_lr``).
-        server_momentum: SGD momentum of the server.
-        server_betas: Adam betas of the server.
-        server_eps: Adam epsilon of the server.
+        server_momentum: SGD momentum of the server (``None``: 0 for sgd, 0.9 for avgm).
+        server_betas: betas of the adaptive server optimizers.
+        server_eps: epsilon (tau) of the adaptive server optimizers (``None``: 1e-3).
     """
 
     def __init__(
@@ -77,11 +78,11 @@ class FederatedCallback(Callback):
         local_epochs: int = 1,
         seed: int | None = None,
         server_optimizer: str = "sgd",
-        server_lr: float = 1.0,
+        server_lr: float | None = None,
         server_adaptor_lr: float | None = None,
-        server_momentum: float = 0.0,
+        server_momentum: float | None = None,
         server_betas: tuple[float, float] = (0.9, 0.99),
-        server_eps: float = 1e-8,
+        server_eps: float | None = None,
     ) -> None:
         if local_epochs < 1:
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
@@ -120,6 +121,7 @@ class FederatedCallback(Callback):
 
     # --- set-up ------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        refuse_round_changing_settings(trainer)
         if stage != "fit":
             return
         if trainer.world_size != 1:
@@ -240,3 +242,37 @@ class FederatedCallback(Callback):
         self.seed = state_dict["seed"]
         self.clients_per_round = state_dict["clients_per_round"]
         self._pending_server_state = state_dict["server_optimizer"]
+
+
+def refuse_round_changing_settings(trainer: L.Trainer) -> None:
+    """Refuse, by name, Trainer settings that would cut a federated round or an evaluation short.
+
+    A round is one epoch whose batches are each sampled client's batches in turn, and an evaluation runs
+    every client's data in client order; limiting batches or steps would silently drop whole clients (e.g.
+    ``limit_train_batches=0.5`` trains half the clients of an "all clients" round) or stop in the middle of
+    a round, leaving one client's local weights in the model.
+    """
+    problems = []
+    if trainer.overfit_batches:
+        problems.append(f"overfit_batches={trainer.overfit_batches} (would train the first batches only)")
+    elif trainer.limit_train_batches != 1.0:
+        problems.append(
+            f"limit_train_batches={trainer.limit_train_batches} (would train only the first clients of each "
+            "round; sample fewer clients with federated.clients_per_round)"
+        )
+    for name in ("limit_val_batches", "limit_test_batches"):
+        value = getattr(trainer, name)
+        if value not in (0, 1.0):
+            problems.append(f"{name}={value} (would evaluate only the first clients; 0 turns evaluation off)")
+    if trainer.max_steps != -1:
+        problems.append(f"max_steps={trainer.max_steps} (steps differ per round; set the rounds with max_epochs)")
+    if trainer.min_steps is not None:
+        problems.append(f"min_steps={trainer.min_steps} (set a minimum of rounds with min_epochs)")
+    for timer in (c for c in trainer.callbacks if isinstance(c, Timer)):
+        if timer._interval != "epoch":  # a step-interval timer (Trainer(max_time=...)) stops mid-round
+            problems.append(
+                "max_time (or a Timer with interval='step') stops in the middle of a round; use "
+                "callbacks: [Timer(duration=..., interval='epoch')], which stops at the end of a round"
+            )
+    if problems:
+        raise ValueError("the federated round loop cannot honour: " + "; ".join(problems))

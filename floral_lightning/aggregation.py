@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-SERVER_OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 
 
 def client_weights(num_samples: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,43 +106,113 @@ def aggregate(
     return aggregator.result(global_state)
 
 
+class Yogi(torch.optim.Optimizer):
+    """Yogi as the server optimizer of FedYogi (Reddi et al., "Adaptive Federated Optimization", Algorithm 2).
+
+    With ``g`` the gradient (on the server: the pseudo-gradient ``x_prev - x_avg``), per tensor::
+
+        m <- beta1 * m + (1 - beta1) * g
+        v <- v - (1 - beta2) * g^2 * sign(v - g^2)
+        x <- x - lr * m / (sqrt(v) + eps)
+
+    ``m`` and ``v`` start at zero, as in Flower's ``FedYogi``; there is no bias correction (the paper has none).
+    ``eps`` is the paper's tau, the degree of adaptivity.
+    """
+
+    def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-3) -> None:
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Yogi: betas={betas} must both lie in [0, 1)")
+        if eps <= 0:
+            raise ValueError(f"Yogi: eps={eps} must be > 0")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # noqa: D102 - the update is in the class docstring
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+                g2 = g * g
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.sub_((1 - beta2) * g2 * torch.sign(v - g2))
+                p.sub_(group["lr"] * m / (v.sqrt() + group["eps"]))
+                state["step"] += 1
+
+
+# The defaults of every server optimizer, used where the user leaves an option unset (None).
+#  sgd:  lr 1, no momentum: exactly plain averaging (FedAvg), the spec's default.
+#  avgm: FedAvgM (Hsu et al. 2019), server momentum 0.9 at lr 1, the pair Reddi et al. compare against.
+#  adam, yogi: Reddi et al.'s settings: betas (0.9, 0.99) and tau = 1e-3 (their default degree of adaptivity;
+#        Flower's FedYogi uses the same); server lr 1e-2, the order of their tuned server rates and Flower's
+#        FedYogi default. With tau = 1e-8 (torch's Adam default) a coordinate whose clients moved it by 1e-4
+#        would move by about lr in one round; tau = 1e-3 scales such small updates down instead.
+SERVER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 1.0, "momentum": 0.0},
+    "avgm": {"lr": 1.0, "momentum": 0.9},
+    "adam": {"lr": 1e-2, "eps": 1e-3},
+    "yogi": {"lr": 1e-2, "eps": 1e-3},
+}
+
+
 class ServerOptimizer:
     """Moves the global model towards the clients' average, treating ``x_prev - x_avg`` as a gradient.
 
-    ``sgd`` with ``lr=1`` and no momentum is plain averaging (FedAvg), applied as an exact copy; momentum
-    gives FedAvgM, ``adam`` gives FedAdam. Shared and adaptor tensors have separate learning rates
-    (``adaptor_lr`` defaults to ``lr``). Buffers (norm statistics) are not optimised: they take the average.
+    ``sgd`` with ``lr=1`` and no momentum is plain averaging (FedAvg), applied as an exact copy; ``avgm`` (or
+    ``sgd`` with momentum) is FedAvgM; ``adam`` is FedAdam (``torch.optim.Adam``, bias-corrected, ``eps``
+    added to the root of the second moment); ``yogi`` is FedYogi (:class:`Yogi`, Reddi et al.'s Algorithm 2).
+    Shared and adaptor tensors have separate learning rates (``adaptor_lr`` defaults to ``lr``). Buffers (norm
+    statistics) are not optimised: they take the average.
+
+    Options left at ``None`` take the optimizer's defaults in ``SERVER_DEFAULTS`` (and why they are those):
+    ``sgd`` lr 1 (plain averaging); ``avgm`` lr 1, momentum 0.9; ``adam``/``yogi`` lr 1e-2, eps (tau) 1e-3,
+    betas (0.9, 0.99), as recommended by Reddi et al.
 
     Args:
-        name: ``"sgd"`` or ``"adam"``.
+        name: ``"sgd"``, ``"avgm"``, ``"adam"`` or ``"yogi"``.
         lr: server learning rate of the shared (base) tensors.
         adaptor_lr: server learning rate of the adaptor tensors (``None``: same as ``lr``).
-        momentum: SGD momentum (FedAvgM).
-        betas: Adam's betas.
-        eps: Adam's epsilon (adaptivity; FedAdam papers use 1e-3 or smaller).
+        momentum: SGD momentum (``sgd``/``avgm`` only).
+        betas: the adaptive optimizers' betas.
+        eps: the adaptive optimizers' epsilon (Reddi et al.'s tau; ``adam``/``yogi`` only).
     """
 
     def __init__(
         self,
         name: str = "sgd",
-        lr: float = 1.0,
+        lr: float | None = None,
         adaptor_lr: float | None = None,
-        momentum: float = 0.0,
+        momentum: float | None = None,
         betas: tuple[float, float] = (0.9, 0.99),
-        eps: float = 1e-8,
+        eps: float | None = None,
     ) -> None:
         if name not in SERVER_OPTIMIZERS:
             raise ValueError(f"server optimizer {name!r}: expected one of {SERVER_OPTIMIZERS}")
+        defaults = SERVER_DEFAULTS[name]
+        for option, value in (("momentum", momentum), ("eps", eps)):
+            if value is not None and option not in defaults:
+                users = [n for n, d in SERVER_DEFAULTS.items() if option in d]
+                raise ValueError(f"server {option}={value} does not apply to {name!r}; it applies to {users}")
+        lr = defaults["lr"] if lr is None else lr
         if lr <= 0 or (adaptor_lr is not None and adaptor_lr <= 0):
             raise ValueError(f"server learning rates must be > 0 (lr={lr}, adaptor_lr={adaptor_lr})")
-        self.name, self.lr, self.momentum, self.betas, self.eps = name, lr, momentum, betas, eps
+        self.name, self.lr, self.betas = name, lr, tuple(betas)
+        self.momentum = defaults.get("momentum", 0.0) if momentum is None else momentum
+        self.eps = defaults.get("eps") if eps is None else eps
         self.adaptor_lr = lr if adaptor_lr is None else adaptor_lr
         self._optimizer: torch.optim.Optimizer | None = None
         self._names: list[str] = []
 
     @property
     def is_plain_average(self) -> bool:
-        return self.name == "sgd" and self.lr == 1.0 and self.adaptor_lr == 1.0 and self.momentum == 0.0
+        """Whether a step is an exact copy of the average (SGD at lr 1 without momentum)."""
+        return self.name in ("sgd", "avgm") and self.lr == 1.0 and self.adaptor_lr == 1.0 and self.momentum == 0.0
 
     def bind(self, global_state: Mapping[str, torch.Tensor], roles: Mapping[str, str], trainable: set[str]) -> None:
         """Attach to the global tensors that ``step`` updates in place; ``trainable`` names the parameters
@@ -153,11 +223,14 @@ class ServerOptimizer:
             params = [global_state[n] for n in self._names if roles[n] == role]
             if params:
                 groups.append({"params": params, "lr": lr})
-        self._optimizer = None
-        if groups and self.name == "sgd":
+        if not groups:
+            self._optimizer = None
+        elif self.name in ("sgd", "avgm"):
             self._optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
-        elif groups:
+        elif self.name == "adam":
             self._optimizer = torch.optim.Adam(groups, lr=self.lr, betas=self.betas, eps=self.eps)
+        else:
+            self._optimizer = Yogi(groups, lr=self.lr, betas=self.betas, eps=self.eps)
 
     @torch.no_grad()
     def step(self, global_state: Mapping[str, torch.Tensor], averages: Mapping[str, torch.Tensor]) -> None:

@@ -17,11 +17,33 @@ class FloralCLI(LightningCLI):
     (``--federated.clients_per_round=0.1``). ``model.init_args.num_clients`` is linked to
     ``data.init_args.num_clients``; configs are parsed with omegaconf so ``${...}`` interpolation works;
     unknown keys are errors.
+
+    ``--lr_scheduler`` becomes the model's ``lr_scheduler`` option (a schedule over rounds that scales each
+    parameter group's own rate). ``--optimizer`` is refused: Lightning would replace the module's optimizer
+    with one whose single rate drops the per-group rates (base, adaptors, router); the client optimizer is
+    ``model.init_args.optimizer``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FederatedCallback, "federated")
         parser.link_arguments("data.init_args.num_clients", "model.init_args.num_clients")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        optimizer = config.get("optimizer")
+        if optimizer:
+            raise ValueError(
+                f"--optimizer={optimizer.get('class_path', optimizer)} is not supported: it would replace the "
+                "client optimizer's parameter groups (base, adaptors, router), each with its own learning rate, "
+                "by one optimizer at one rate. Set model.init_args.optimizer.{name,lr,adaptor_lr,router_lr,"
+                "momentum,weight_decay} instead (name: sgd or adam)"
+            )
+        scheduler = config.get("lr_scheduler")
+        if scheduler:
+            if config.model.init_args.get("lr_scheduler"):
+                raise ValueError("both --lr_scheduler and model.init_args.lr_scheduler are set; keep one of them")
+            config.model.init_args.lr_scheduler = scheduler.as_dict()
+            config.lr_scheduler = None
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FloralCLI:

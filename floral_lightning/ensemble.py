@@ -31,6 +31,25 @@ def _reset_parameters_(module: nn.Module) -> bool:
     return found
 
 
+def _owner_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return root.get_submodule(module_name), attr
+
+
+class MixtureOfNetworks(nn.Module):
+    """``sum_c weights[c] * networks[c](x)``: one client's ensemble with its mixture fixed (a plain module)."""
+
+    def __init__(self, networks: list[nn.Module], weights: torch.Tensor) -> None:
+        super().__init__()
+        if len(networks) != len(weights):
+            raise ValueError(f"{len(networks)} networks but {len(weights)} mixture weights")
+        self.networks = nn.ModuleList(networks)
+        self.register_buffer("weights", weights.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(w * net(x) for w, net in zip(self.weights, self.networks))
+
+
 class EnsembleModel(PersonalizedModel):
     """C independently initialised copies of ``base`` and a router of K private mixtures.
 
@@ -128,6 +147,29 @@ class EnsembleModel(PersonalizedModel):
         return torch.einsum("cb...,bc->b...", outs, mixture.to(outs.dtype))
 
     # --- the contract of PersonalizedModel: roles give the rest ----------------------------------------
+    def member(self, index: int) -> nn.Module:
+        """Member ``index`` as a plain copy of the base network (its own tensors, not views)."""
+        member = copy.deepcopy(self.members)
+        with torch.no_grad():
+            for name, value in self.members.named_parameters():
+                owner, attr = _owner_of(member, name)
+                setattr(owner, attr, nn.Parameter(value[index].detach().clone(), requires_grad=value.requires_grad))
+            for name, value in self.members.named_buffers():
+                owner, attr = _owner_of(member, name)
+                owner._buffers[attr] = value[index].clone()
+        return member
+
+    @torch.no_grad()
+    def client_network(self, client_id: int) -> nn.Module:
+        """Client ``client_id``'s ensemble as a plain module: the C members mixed by its (noise-free) mixture."""
+        was_training = self.router.training
+        self.router.eval()
+        try:
+            mixture = self.router(client_id).detach().clone()
+        finally:
+            self.router.train(was_training)
+        return MixtureOfNetworks([self.member(c) for c in range(self.num_adaptors)], mixture).eval()
+
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
         """Member ``index``'s tensors by their name in ``base`` (views), e.g. to load into a copy of ``base``."""
         return {n: t[index] for n, t in self.members.state_dict(keep_vars=True).items()}

@@ -190,9 +190,18 @@ class LocalAdaptorModule(FloralModule):
         private = set(self.private_names)
         return {n: r for n, r in super().federated_roles().items() if n not in private}
 
+    has_private_networks = True
+
     def client_mixtures(self) -> None:
         """No mixtures to report (one adaptor)."""
         return None
+
+    @torch.no_grad()
+    def client_model(self, client_id: int) -> nn.Module:
+        """The current base with client ``client_id``'s own adaptor folded in (a plain copy of the base)."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.client_states.client(client_id), strict=False)
+        return model.client_network(client_id).eval()
 
     def on_client_start(self, client_id: int) -> None:
         super().on_client_start(client_id)
@@ -226,6 +235,7 @@ class EnsembleModule(FloralModule):
         router: the mixture rule and its options.
         optimizer: the client optimizer.
         task: what outputs are scored by (see ``FloralModule``).
+        lr_scheduler: the learning-rate schedule over rounds (see ``FloralModule``).
     """
 
     # the FloralModule options that mean nothing to the Ensemble
@@ -249,10 +259,16 @@ class EnsembleModule(FloralModule):
         router: RouterOptions | None = None,
         optimizer: ClientOptimizer | None = None,
         task: str | None = None,
+        lr_scheduler: dict | None = None,
     ) -> None:
-        super().__init__(base, num_clients, num_adaptors=0, router=router, optimizer=optimizer, task=task)
+        super().__init__(
+            base, num_clients, num_adaptors=0, router=router, optimizer=optimizer, task=task, lr_scheduler=lr_scheduler
+        )
         router_kwargs = {k: v for k, v in vars(self.router_options).items() if k != "oracle"}
-        self.model = EnsembleModel(base, num_clients, num_members, router_kwargs)
+        # the built base network (``base`` may be its spec), which FloralModule wrapped as a SharedModel
+        self.model = EnsembleModel(self.model.base, num_clients, num_members, router_kwargs)
+
+    has_private_networks = True  # its client_model is the C members mixed by the client's mixture
 
 
 class FedProxModule(FloralModule):
@@ -337,9 +353,18 @@ class DittoModule(FloralModule):
         self.client_states = ClientStates(num_clients, self.private_tensors())
         self._anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    has_private_networks = True
+
     def private_tensors(self) -> dict[str, torch.Tensor]:
         """The live personal model's tensors (names inside ``personal``)."""
         return _tensors(self.personal)
+
+    @torch.no_grad()
+    def client_model(self, client_id: int) -> nn.Module:
+        """Client ``client_id``'s personal model (what Ditto evaluates)."""
+        personal = copy.deepcopy(self.personal)
+        personal.load_state_dict(self.client_states.client(client_id), strict=False)
+        return personal.client_network(client_id).eval()
 
     def on_client_start(self, client_id: int) -> None:
         super().on_client_start(client_id)
@@ -352,8 +377,8 @@ class DittoModule(FloralModule):
         self._anchor = []
         super().on_client_end(client_id)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = super().configure_optimizers()
+    def configure_client_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = super().configure_client_optimizer()
         lr = self.personal_lr if self.personal_lr is not None else self.optimizer_options.lr
         optimizer.add_param_group({"params": list(self.personal.parameters()), "lr": lr})
         return optimizer
@@ -444,6 +469,16 @@ class FineTuneModule(FloralModule):
                     self.compute_loss(tuner(x, client_id), y).backward()
                     optimizer.step()
             return {name: t.detach().clone() for name, t in _tensors(tuner).items()}
+
+    @torch.no_grad()
+    def client_model(self, client_id: int) -> nn.Module:
+        """Client ``client_id``'s model as evaluated: the global weights fine-tuned on its train split now
+        (needs the Trainer and its federated data module attached)."""
+        if self.finetune_epochs == 0:
+            return super().client_model(client_id)
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.finetuned_state(client_id), strict=False)
+        return model.client_network(client_id).eval()
 
     def _finetune_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         opt = self.optimizer_options

@@ -72,6 +72,27 @@ class FloralModel(PersonalizedModel):
         if num_adaptors < 1:
             raise ValueError(f"num_adaptors={num_adaptors}: must be >= 1 (use the FedAvg method for no adaptors)")
         self.num_adaptors = num_adaptors
+        # the constructor's options, as plain data: with the base network they rebuild this model
+        # (``floral_lightning.pretrained``)
+        self.options = {
+            "num_clients": num_clients,
+            "num_adaptors": num_adaptors,
+            "rank": rank,
+            "linear": linear,
+            "conv": conv,
+            "norm": norm,
+            "embedding": embedding,
+            "target_modules": target_modules if isinstance(target_modules, (str, type(None))) else list(target_modules),
+            "exclude_modules": exclude_modules
+            if isinstance(exclude_modules, (str, type(None)))
+            else list(exclude_modules),
+            "conv_split": conv_split,
+            "init": init,
+            "alpha": alpha,
+            "bias": bias,
+            "min_rank": min_rank,
+            "router": dict(router or {}),
+        }
         self.base = base
         self.router = ClientMixtures(num_clients, num_adaptors, **(router or {}))
         enabled = {"linear": linear, "conv": conv, "norm": norm, "embedding": embedding}
@@ -176,6 +197,10 @@ class FloralModel(PersonalizedModel):
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, layer.merged_module(w))
         return merged
+
+    def client_network(self, client_id: int) -> nn.Module:
+        """Client ``client_id``'s network: :meth:`merge`."""
+        return self.merge(client_id)
 
     @torch.no_grad()
     def precondition_gradients_(self, eps: float = 1e-5) -> None:

@@ -7,7 +7,14 @@ for a new task by overriding ``compute_loss`` and ``compute_metrics``.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -16,6 +23,7 @@ from torch import nn
 from .metrics import PerClientMean, adjusted_rand_index, mixture_heatmap, summarize_clients
 from .model import FloralModel
 from .personalized import PersonalizedModel, SharedModel
+from .pretrained import build_module, save_pretrained
 from .tasks import Task, get_task
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
@@ -72,6 +80,59 @@ class ClientOptimizer:
 torch.serialization.add_safe_globals([Targets, RouterOptions, ClientOptimizer])
 
 
+#: the checkpoint key that records the module's class
+CLASS_PATH_KEY = "floral_class_path"
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def lr_scheduler_spec(spec: dict | None) -> dict | None:
+    """Validate a learning-rate schedule option: ``{"class_path": str, "init_args": dict}`` (or ``None``)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ValueError(
+            f"lr_scheduler={spec!r}: expected {{'class_path': 'torch.optim.lr_scheduler.StepLR', "
+            "'init_args': {'step_size': 1, 'gamma': 0.5}}"
+        )
+    unknown = set(spec) - {"class_path", "init_args"}
+    if unknown:
+        raise ValueError(f"lr_scheduler has unknown key(s) {sorted(unknown)}; valid keys are class_path, init_args")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"lr_scheduler.init_args={init_args!r}: expected a mapping of the scheduler's arguments")
+    return {"class_path": spec["class_path"], "init_args": dict(init_args)}
+
+
+def build_lr_scheduler(spec: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """Lightning's scheduler configuration for ``spec`` on ``optimizer``: stepped once per epoch (= round)."""
+    path = spec["class_path"]
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "torch.optim.lr_scheduler"), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"lr_scheduler.class_path={path!r} cannot be imported; give a torch.optim.lr_scheduler name "
+            "(e.g. 'StepLR') or a full class path"
+        ) from err
+    init_args = dict(spec["init_args"])
+    # torch's ReduceLROnPlateau takes no ``monitor``; Lightning's subclass (lightning.pytorch.cli) does
+    monitor = None if "monitor" in inspect.signature(cls).parameters else init_args.pop("monitor", None)
+    try:
+        scheduler = cls(optimizer, **init_args)
+    except TypeError as err:
+        raise ValueError(f"lr_scheduler {path} rejected init_args={init_args}: {err}") from err
+    config = {"scheduler": scheduler, "interval": "epoch", "frequency": 1}
+    monitor = getattr(scheduler, "monitor", monitor)
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if monitor is None:
+            raise ValueError(f"lr_scheduler {path} needs init_args.monitor, the metric it watches (e.g. 'val/loss')")
+        config["monitor"] = monitor
+    return config
+
+
 class FloralModule(L.LightningModule):
     """Personalised federated training of ``base`` with FLoRAL (or plain FedAvg with ``num_adaptors=0``).
 
@@ -79,7 +140,10 @@ class FloralModule(L.LightningModule):
     the merged path) and a ``LongTensor [B]`` during evaluation (many clients per batch, a mixture per sample).
 
     Args:
-        base: the network to personalise (any ``nn.Module``; instantiated from the config's class_path).
+        base: the network to personalise: any ``nn.Module``, or its spec ``{"class_path": ..., "init_args":
+            {...}}`` (what the CLI configs hold). A spec is saved with the hyperparameters, so
+            ``FloralModule.load_from_checkpoint(path)`` rebuilds the module with no arguments; the CLI saves
+            the config's spec itself. A network built in Python has no spec: pass ``base=`` when loading.
         num_clients: K; linked from ``data.num_clients`` by the CLI.
         num_adaptors: C adaptors per layer; 0 trains the base model alone (FedAvg).
         rank: adaptor rank: an int, a fraction of each layer's budget, or "sqrt", "log", "full".
@@ -94,6 +158,11 @@ class FloralModule(L.LightningModule):
         precondition: precondition the factor gradients (spec §2) before every optimizer step.
         task: what outputs are scored by: ``"classification"`` or ``"regression"`` (``floral_lightning.tasks``;
             ``None``: the class's ``default_task``).
+        lr_scheduler: a learning-rate schedule over rounds, ``{"class_path": ..., "init_args": {...}}`` of any
+            ``torch.optim.lr_scheduler`` class (a bare name such as ``"StepLR"`` is looked up there); it steps
+            once per round and scales every parameter group's own rate (base, adaptors, router). The top-level
+            ``--lr_scheduler`` of the CLI lands here. ``init_args.monitor`` names the metric of
+            ``ReduceLROnPlateau``.
     """
 
     #: the task when ``task`` is not given (``RegressionModule`` changes it)
@@ -101,6 +170,9 @@ class FloralModule(L.LightningModule):
     #: constructor arguments a subclass fixes or ignores: left out of the saved hyperparameters, so a
     #: checkpoint's hyperparameters rebuild the subclass (``load_from_checkpoint``) and the logged ones are its own
     hparams_not_saved: tuple[str, ...] = ()
+    #: whether clients keep whole private networks (local adaptors, personal models, ensemble members
+    #: mixed on the outputs) that the ``save_pretrained`` folder does not hold
+    has_private_networks: bool = False
 
     def __init__(
         self,
@@ -118,9 +190,17 @@ class FloralModule(L.LightningModule):
         optimizer: ClientOptimizer | None = None,
         precondition: bool = False,
         task: str | None = None,
+        lr_scheduler: dict | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["base", *self.hparams_not_saved])
+        network = build_module(base) if isinstance(base, Mapping) else base
+        if not isinstance(network, nn.Module):
+            raise ValueError(
+                f"base={base!r}: expected an nn.Module or a spec {{'class_path': ..., 'init_args': {{...}}}}. "
+                "Loading a checkpoint whose base was built in Python needs it again: "
+                "FloralModule.load_from_checkpoint(path, base=MyNet(...))"
+            )
+        self._save_hyperparameters_with_base_spec()
         if num_adaptors < 0:
             raise ValueError(f"num_adaptors={num_adaptors}: must be >= 1 (FLoRAL) or 0 (FedAvg)")
         self.targets = targets or Targets()
@@ -131,15 +211,16 @@ class FloralModule(L.LightningModule):
         self.num_clients = num_clients
         self.precondition = precondition
         self.task: Task = get_task(task or self.default_task)
+        self.lr_scheduler_spec = lr_scheduler_spec(lr_scheduler)
         # the round's local losses so far (see ``_record_train_loss``)
         self._loss_client: int | None = None
         self._loss_sum, self._loss_count = torch.zeros(()), 0
         if num_adaptors == 0:
-            self.model: PersonalizedModel = SharedModel(base)
+            self.model: PersonalizedModel = SharedModel(network)
         else:
             router_kwargs = {k: v for k, v in vars(self.router_options).items() if k != "oracle"}
             self.model = FloralModel(
-                base,
+                network,
                 num_clients,
                 num_adaptors,
                 rank,
@@ -152,6 +233,98 @@ class FloralModule(L.LightningModule):
                 **vars(self.targets),
             )
         self._metrics: dict[str, nn.ModuleDict] = {}
+
+    def _save_hyperparameters_with_base_spec(self) -> None:
+        """Save every ``__init__`` argument as a hyperparameter, ``base`` as its spec.
+
+        Under the CLI, Lightning hands ``save_hyperparameters`` the config, where ``base`` is already its
+        spec; in Python ``base`` is whatever was passed: a spec is kept, a built network is replaced by
+        ``None`` (a pickled module would not load with ``weights_only=True`` and would copy the weights).
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attribute 'base' is an instance of `nn.Module`")
+            self.save_hyperparameters(ignore=list(self.hparams_not_saved), frame=inspect.currentframe().f_back)
+        if isinstance(self.hparams.get("base"), nn.Module):
+            self._hparams["base"] = None
+            self._hparams_initial["base"] = None
+
+    @property
+    def base_spec(self) -> dict | None:
+        """The spec that rebuilds the base network (``None`` when it was built in Python)."""
+        base = self.hparams.get("base")
+        return dict(base) if isinstance(base, Mapping) else None
+
+    # --- models out --------------------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, *args, **kwargs) -> FloralModule:
+        """Lightning's ``load_from_checkpoint``, building the class the checkpoint records.
+
+        The CLI records the method's class (``_class_path``, e.g. ``floral_lightning.methods.DittoModule``);
+        Lightning drops that key for a base class whose ``__init__`` takes no ``**kwargs``, and would build
+        a ``FloralModule`` with the wrong tensors. Classes of this package are imported; any other recorded
+        class must already be imported (Lightning's rule: a checkpoint never imports new code).
+        """
+        # the checkpoint holds plain data (the option dataclasses are registered as safe): no code runs on load
+        kwargs.setdefault("weights_only", True)
+        header = cls._checkpoint_header(checkpoint_path)
+        hparams = dict(header.get("hyper_parameters") or {})
+        class_path = hparams.get("_class_path", header.get(CLASS_PATH_KEY))
+        target = cls._recorded_class(checkpoint_path, class_path)
+        if target is not cls:
+            return target.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        module = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        # Lightning's CLI instantiator builds ``base`` before ``__init__`` sees it: keep the recorded spec, so
+        # the reloaded module's own checkpoints and folders rebuild it too
+        spec = hparams.get("base")
+        if module.base_spec is None and isinstance(spec, Mapping) and "base" not in kwargs:
+            module._hparams["base"] = module._hparams_initial["base"] = dict(spec)
+        return module
+
+    @staticmethod
+    def _checkpoint_header(checkpoint_path: str | os.PathLike) -> dict:
+        """The checkpoint (tensors memory-mapped, not read), or ``{}`` for a URL or a stream."""
+        if not os.path.isfile(checkpoint_path):
+            return {}
+        return torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the method's class, for ``FloralModule.load_from_checkpoint`` (the CLI also records it in the
+        # hyperparameters; a module built in Python does not)
+        checkpoint[CLASS_PATH_KEY] = _class_path(type(self))
+
+    @classmethod
+    def _recorded_class(cls, checkpoint_path: str | os.PathLike, class_path: str | None) -> type[FloralModule]:
+        if not isinstance(class_path, str) or class_path == _class_path(cls):
+            return cls
+        module_name, _, name = class_path.rpartition(".")
+        if module_name.split(".")[0] == __name__.split(".")[0]:
+            importlib.import_module(module_name)
+        target = getattr(sys.modules.get(module_name), name, None)
+        if not (isinstance(target, type) and issubclass(target, cls)):
+            raise ValueError(
+                f"{checkpoint_path}: the checkpoint's class {class_path!r} is not an imported subclass of "
+                f"{cls.__name__}; import the module that defines it first"
+            )
+        return target
+
+    @torch.no_grad()
+    def client_model(self, client_id: int) -> nn.Module:
+        """Client ``client_id``'s personalised network as a plain copy of the base architecture, in eval mode:
+        its mixture folded into the weights (FLoRAL), or the global network (FedAvg)."""
+        if not 0 <= client_id < self.num_clients:
+            raise ValueError(f"client_id={client_id} is out of range; valid ids are 0..{self.num_clients - 1}")
+        return self.model.client_network(client_id).eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """The whole federated model (base, adaptors, every client's mixture logits, the options that rebuild
+        it) as a folder that :func:`floral_lightning.pretrained.load_pretrained` reads without Lightning."""
+        if self.has_private_networks:
+            raise TypeError(
+                f"{type(self).__name__} keeps per-client networks that the save_pretrained folder does not hold; "
+                "export the clients one by one: client_model(k), or python -m floral_lightning.export --client K"
+            )
+        network = self.model.base if isinstance(self.model, SharedModel) else self.model
+        return save_pretrained(network, folder, self.base_spec)
 
     # --- the model ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, client_ids: int | torch.Tensor) -> torch.Tensor:
@@ -213,7 +386,20 @@ class FloralModule(L.LightningModule):
                 raise ValueError("router.oracle=true needs a data module with true client clusters (`clusters`)")
             router.set_oracle(clusters % router.num_adaptors)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        """The client optimizer (``configure_client_optimizer``) and, if set, its schedule over rounds.
+
+        Lightning steps an ``interval="epoch"`` scheduler once per epoch, which is once per round. The
+        round loop clears the optimizer's state (momentum, Adam moments) when each client starts; the
+        learning rates in the parameter groups, which the scheduler sets, are kept.
+        """
+        optimizer = self.configure_client_optimizer()
+        if self.lr_scheduler_spec is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": build_lr_scheduler(self.lr_scheduler_spec, optimizer)}
+
+    def configure_client_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer every client trains with: one parameter group per role, each with its own rate."""
         opt = self.optimizer_options
         groups = [
             {"params": self.model.shared_parameters(), "lr": opt.lr},

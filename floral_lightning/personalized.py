@@ -14,6 +14,7 @@ no change in the trainer.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -135,6 +136,10 @@ class PersonalizedModel(nn.Module):
             return None
         return torch.softmax(self.router.logits.detach() / self.router.temperature, dim=-1)
 
+    def client_network(self, client_id: int) -> nn.Module:
+        """Client ``client_id``'s personalised network as a plain module (no router, no client ids)."""
+        raise TypeError(f"{type(self).__name__} does not define client_network(client_id)")
+
     # --- training extras -------------------------------------------------------------------------------------
     def precondition_gradients_(self, eps: float = 1e-5) -> None:
         """Precondition factor gradients before an optimizer step; models without factors do nothing."""
@@ -166,3 +171,7 @@ class SharedModel(PersonalizedModel):
 
     def forward(self, x: torch.Tensor, client_ids: int | torch.Tensor | None = None) -> torch.Tensor:
         return self.base(x)
+
+    def client_network(self, client_id: int) -> nn.Module:
+        """A copy of the one network every client shares."""
+        return copy.deepcopy(self.base)

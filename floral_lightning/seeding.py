@@ -47,6 +47,7 @@ class SplitStep(IntEnum):
     PARTITION = 0
     REDUCE = 2
     VAL = 3
+    CLIENT_TEST = 4  # the train/test split of a naturally partitioned client (keys: client, 0)
 
 
 def run_seed(seed: int | None) -> int:

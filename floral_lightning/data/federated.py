@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning
 import numpy as np
 import torch
 
 from ..seeding import SplitStep, Stream, run_seed, seeded_generator
+from .partitioned import ClientDatasets
 from .sources import ArraySplits, ClientSource, DataSource
 from .transforms import label_shift, label_subset_mask, normalize, random_flip_crop, rotate
 
@@ -22,6 +24,8 @@ __all__ = [
     "BatchPrep",
     "ClientEvalLoader",
     "ClientTensors",
+    "DatasetEvalLoader",
+    "DatasetRoundLoader",
     "FederatedDataModule",
     "RoundLoader",
     "run_seed",
@@ -187,6 +191,128 @@ class ClientEvalLoader:
             yield self.prep(self.data.x[sl]), self.data.y[sl], self._ids[sl]
 
 
+class _TaggedDatasets(torch.utils.data.Dataset):
+    """Every client's dataset as one, item ``i`` of the concatenation returned as ``(x, y, client)``."""
+
+    def __init__(self, datasets: Sequence[torch.utils.data.Dataset]) -> None:
+        self.datasets = list(datasets)
+        sizes = torch.tensor([len(d) for d in self.datasets], dtype=torch.int64)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.datasets)
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        return self.offsets.diff()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        k = int(torch.searchsorted(self.offsets, i, right=True)) - 1
+        x, y = self.datasets[k][i - int(self.offsets[k])]
+        return x, y, k
+
+
+class _RoundBatches(torch.utils.data.Sampler):
+    """The index batches of a round over a :class:`_TaggedDatasets`: each client's shuffled items in turn,
+    shuffled exactly like :class:`RoundLoader` (by ``(seed, round, client, epoch)``)."""
+
+    def __init__(self, loader: DatasetRoundLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        loader = self.loader
+        round_idx, clients, bs = loader.round_idx, list(loader.clients), loader.batch_size
+        for k in clients:
+            lo, hi = int(loader.data.offsets[k]), int(loader.data.offsets[k + 1])
+            for epoch in range(loader.local_epochs):
+                g = seeded_generator(loader.seed, Stream.LOADER, round_idx, k, epoch)
+                perm = torch.randperm(hi - lo, generator=g) + lo
+                for start in range(0, hi - lo, bs):
+                    yield perm[start : start + bs].tolist()
+
+
+class DatasetRoundLoader:
+    """:class:`RoundLoader` for clients given as ``torch.utils.data.Dataset`` objects, read item by item.
+
+    One ``DataLoader`` with ``num_workers`` processes (kept alive between rounds) serves every round; the
+    round's batches come from a batch sampler in the main process, so ``set_round`` takes effect at the next
+    pass. Yields ``(x, y, k)`` with ``k`` an ``int``, a client's batches contiguous, the last partial batch kept.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[torch.utils.data.Dataset],
+        batch_size: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        local_epochs: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data = _TaggedDatasets(datasets)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.local_epochs = local_epochs
+        self.round_idx = 0
+        self._clients = list(range(len(self.data.datasets)))
+        self._loader = torch.utils.data.DataLoader(
+            self.data,
+            batch_sampler=_RoundBatches(self),
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            generator=seeded_generator(seed, Stream.LOADER, -1, 0, 0),  # the workers' base seed
+        )
+
+    set_round = RoundLoader.set_round
+    clients = RoundLoader.clients
+
+    @property
+    def num_workers(self) -> int:
+        return self._loader.num_workers
+
+    def num_batches(self, client_id: int) -> int:
+        """``ceil(n_k / batch_size) * local_epochs``."""
+        return math.ceil(int(self.data.sizes[client_id]) / self.batch_size) * self.local_epochs
+
+    def __len__(self) -> int:
+        return sum(self.num_batches(k) for k in self._clients)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
+        for x, y, ids in self._loader:
+            yield x, y, int(ids[0])
+
+
+class DatasetEvalLoader:
+    """:class:`ClientEvalLoader` for clients given as datasets: all clients' items in client order, in
+    batches that may span clients; yields ``(x, y, client_ids)`` with ``client_ids`` int64 [B]."""
+
+    def __init__(self, datasets: Sequence[torch.utils.data.Dataset], batch_size: int, num_workers: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
+        self.data = _TaggedDatasets(datasets)
+        self._loader = torch.utils.data.DataLoader(
+            self.data, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=num_workers > 0
+        )
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """Evaluation samples per client, int64 [K]."""
+        return self.data.sizes
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, torch.Tensor]]:
+        yield from self._loader
+
+
 CLUSTER_TRANSFORMS = ("none", "rotate", "label_shift", "label_subsets")
 AUGMENTATIONS = ("none", "flip_crop")
 SPLITS = ("train", "val", "test")
@@ -211,6 +337,13 @@ class FederatedDataModule(lightning.LightningDataModule):
     practice). A :class:`ClientSource` produces the clients itself (``cluster_transform`` must be "none");
     the reduction and validation steps still apply to its train splits.
 
+    Naturally partitioned data (``floral_lightning.data.partitioned``: ``NpzClients``,
+    ``HuggingFaceClients``, ``ClientDatasets``) bring their own clients, their own train/test split and
+    optionally their true clusters: ``clusters`` is then the source's (``None`` when it has none, and the
+    routing metrics are not reported) and ``num_clusters`` is not used. ``ClientDatasets`` are read item by
+    item with ``num_workers`` loader processes (``num_workers`` applies to them only: tensor sources are
+    sliced in memory).
+
     All randomness comes from generators seeded by ``seed`` (``None``: the run's ``seed_everything``, see
     :func:`run_seed`): the same seed gives identical splits and
     batches. After :meth:`setup`: ``clusters`` [K], ``train_sizes`` [K], ``num_classes``, ``mean``/``std``,
@@ -220,7 +353,7 @@ class FederatedDataModule(lightning.LightningDataModule):
 
     def __init__(
         self,
-        source: DataSource | ClientSource,
+        source: DataSource | ClientSource | ClientDatasets,
         num_clients: int,
         num_clusters: int = 1,
         cluster_transform: str = "none",
@@ -232,10 +365,16 @@ class FederatedDataModule(lightning.LightningDataModule):
         eval_batch_size: int = 1024,
         augment: str = "none",
         seed: int | None = None,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(source, (DataSource, ClientSource)):
-            raise TypeError(f"source must be a DataSource or ClientSource, got {type(source).__name__}")
+        if not isinstance(source, (DataSource, ClientSource, ClientDatasets)):
+            raise TypeError(f"source must be a DataSource, ClientSource or ClientDatasets, got {type(source).__name__}")
+        if num_workers < 0 or (num_workers > 0 and not isinstance(source, ClientDatasets)):
+            raise ValueError(
+                f"FederatedDataModule: num_workers={num_workers} is invalid; it must be >= 0, and > 0 only for "
+                f"ClientDatasets (items read one by one); {type(source).__name__} is served from memory"
+            )
         checks = [
             ("num_clients", num_clients, num_clients >= 1, ">= 1"),
             ("num_clusters", num_clusters, num_clusters >= 1, ">= 1"),
@@ -256,7 +395,7 @@ class FederatedDataModule(lightning.LightningDataModule):
         for name, value, ok, valid in checks:
             if not ok:
                 raise ValueError(f"FederatedDataModule: {name}={value!r} is invalid; it must be {valid}")
-        if isinstance(source, ClientSource):
+        if isinstance(source, (ClientSource, ClientDatasets)):
             for name, value, default in (
                 ("cluster_transform", cluster_transform, "none"),
                 ("dirichlet_alpha", dirichlet_alpha, None),
@@ -279,29 +418,42 @@ class FederatedDataModule(lightning.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size)
         self.augment = augment
         self.seed = run_seed(seed)
+        self.num_workers = int(num_workers)
 
-        self.clusters = torch.arange(self.num_clients) % self.num_clusters
+        self.clusters: torch.Tensor | None = torch.arange(self.num_clients) % self.num_clusters
+        if isinstance(source, ClientDatasets):
+            if source.num_clients != self.num_clients:
+                raise ValueError(
+                    f"FederatedDataModule: the source has {source.num_clients} clients but num_clients="
+                    f"{self.num_clients}; set data.num_clients={source.num_clients}"
+                )
+            self.clusters = source.client_clusters
         self.num_classes: int | None = source.num_classes
         self.mean: tuple[float, ...] | None = source.mean
         self.std: tuple[float, ...] | None = source.std
         self.train_sizes: torch.Tensor | None = None
         self._splits: dict[str, ClientTensors] = {}
-        self._train_loader: RoundLoader | None = None
-        self._eval_loaders: dict[str, ClientEvalLoader] = {}
+        self._train_loader: RoundLoader | DatasetRoundLoader | None = None
+        self._eval_loaders: dict[str, ClientEvalLoader | DatasetEvalLoader] = {}
 
     # ------------------------------------------------------------------ public accessors
     @property
     def is_built(self) -> bool:
         """Whether :meth:`setup` has built the splits."""
-        return bool(self._splits)
+        return self._train_loader is not None
 
     def _require_setup(self) -> None:
-        if not self._splits:
+        if self._train_loader is None:
             raise RuntimeError("FederatedDataModule: call setup() before accessing the splits or loaders")
 
     def split(self, split: str) -> ClientTensors:
         """All clients' stored tensors of ``split``: cluster transforms applied, images still uint8."""
         self._require_setup()
+        if not self._splits:
+            raise TypeError(
+                f"FederatedDataModule: {type(self.source).__name__} serves datasets item by item, not stored "
+                "tensors; read a client's items from the source's datasets"
+            )
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is invalid; it must be one of {SPLITS}")
         return self._splits[split]
@@ -320,7 +472,10 @@ class FederatedDataModule(lightning.LightningDataModule):
     # ------------------------------------------------------------------ building
     def setup(self, stage: str | None = None) -> None:
         """Build every client's splits and the loaders once (later calls, for any stage, do nothing)."""
-        if self._splits:
+        if self._splits or self._train_loader is not None:
+            return
+        if isinstance(self.source, ClientDatasets):
+            self._setup_datasets()
             return
         if isinstance(self.source, ClientSource):
             pool, train_parts, test_parts = self._client_source_parts()
@@ -354,6 +509,8 @@ class FederatedDataModule(lightning.LightningDataModule):
     def _client_source_parts(self) -> tuple[ArraySplits, list[torch.Tensor], list[torch.Tensor]]:
         """Pool a ClientSource's clients into one ArraySplits and index ranges per client."""
         clients = self.source.make_clients(self.num_clients, self.clusters.clone(), self.seed)
+        if getattr(self.source, "partitioned", False):  # natural clients: their clusters, if known, are given
+            self.clusters = self.source.client_clusters
         if len(clients) != self.num_clients:
             raise ValueError(
                 f"{type(self.source).__name__}.make_clients returned {len(clients)} clients, "
@@ -368,6 +525,40 @@ class FederatedDataModule(lightning.LightningDataModule):
             return [torch.arange(s, s + n) for s, n in zip(starts.tolist(), sizes)]
 
         return pool, ranges([len(c.y_train) for c in clients]), ranges([len(c.y_test) for c in clients])
+
+    def _setup_datasets(self) -> None:
+        """Loaders over a :class:`ClientDatasets`: each client's train items (reduced, validation carved off
+        as for tensors) and test items (given, or held out with the source's ``test_fraction``)."""
+        source: ClientDatasets = self.source
+        train_parts, test_parts = [], []
+        for k, dataset in enumerate(source.train):
+            n = len(dataset)
+            if source.test is None:
+                n_test = min(max(n - 1, 0), round(source.test_fraction * n))
+                perm = torch.randperm(
+                    n, generator=seeded_generator(self.seed, Stream.SETUP, SplitStep.CLIENT_TEST, k, 0)
+                )
+                train_parts.append(perm[n_test:].sort().values)
+                test_parts.append(perm[:n_test].sort().values)
+            else:
+                train_parts.append(torch.arange(n))
+        train_parts, val_parts = self._carve_val(self._reduce(train_parts))
+        subsets = torch.utils.data.Subset
+        train = [subsets(d, p.tolist()) for d, p in zip(source.train, train_parts)]
+        if source.test is None:
+            test = [subsets(d, p.tolist()) for d, p in zip(source.train, test_parts)]
+        else:
+            test = source.test
+        val = test if val_parts is None else [subsets(d, p.tolist()) for d, p in zip(source.train, val_parts)]
+        self.num_classes = source.num_classes
+        self._train_loader = DatasetRoundLoader(train, self.batch_size, self.seed, self.num_workers)
+        self.train_sizes = self._train_loader.data.sizes
+        self._eval_loaders = {
+            "val": DatasetEvalLoader(val, self.eval_batch_size, self.num_workers),
+            "test": DatasetEvalLoader(test, self.eval_batch_size, self.num_workers),
+        }
+        if val is test:
+            self._eval_loaders["val"] = self._eval_loaders["test"]
 
     def _groups(self) -> list[tuple[list[int], int | None]]:
         """(clients, cluster whose labels they draw from or None for all labels) for each partition group."""

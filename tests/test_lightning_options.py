@@ -1,0 +1,144 @@
+"""Lightning's options in a federated run: schedules over rounds, a refused --optimizer, and the Trainer
+settings that would cut a round short refused by name."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from federated_helpers import linear_data
+from lightning.pytorch.callbacks import Timer
+from torch import nn
+
+from callbacks import FederatedCallback
+from floral_lightning.cli import main
+from floral_lightning.module import ClientOptimizer
+from floral_lightning.tasks import RegressionModule
+
+CONFIG = Path(__file__).resolve().parents[1] / "conf" / "synthetic_linear.yaml"
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.callbacks=[]",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.check_val_every_n_epoch=100",
+]
+
+
+def fit(module, rounds: int, *callbacks: L.Callback, **trainer_options) -> L.Trainer:
+    """Fit on the tiny linear task with the round loop and ``callbacks``, no logger or checkpoints."""
+    if not any(isinstance(c, FederatedCallback) for c in callbacks):
+        callbacks = (FederatedCallback(), *callbacks)
+    options = {"limit_val_batches": 0, "num_sanity_val_steps": 0} | trainer_options
+    trainer = L.Trainer(
+        max_epochs=rounds, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **options,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=linear_data())
+    return trainer
+
+
+class LearningRates(L.Callback):
+    """The learning rate of every parameter group at every client's batches, by round."""
+
+    def __init__(self) -> None:
+        self.by_round: dict[int, set[tuple[float, ...]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rates = tuple(g["lr"] for g in trainer.optimizers[0].param_groups)
+        self.by_round.setdefault(trainer.current_epoch, set()).add(rates)
+
+
+def test_cli_lr_scheduler_changes_the_client_learning_rate_once_per_round(tmp_path):
+    # base 0.2, adaptors 0.3, router 0.05: StepLR(gamma=0.5) must halve each of them once per round
+    cli = main(
+        [
+            f"--config={CONFIG}",
+            "--trainer.max_epochs=4",
+            "--model.init_args.optimizer.lr=0.2",
+            "--model.init_args.optimizer.adaptor_lr=0.3",
+            "--model.init_args.optimizer.router_lr=0.05",
+            "--lr_scheduler=StepLR",
+            "--lr_scheduler.step_size=1",
+            "--lr_scheduler.gamma=0.5",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ],
+        run=False,
+    )
+    rates = LearningRates()
+    cli.trainer.callbacks.append(rates)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert sorted(rates.by_round) == [0, 1, 2, 3]
+    for r, seen in rates.by_round.items():
+        # every client of round r trained at the same rates (the per-client optimizer reset keeps them)
+        (only,) = seen
+        torch.testing.assert_close(only, (0.2 * 0.5**r, 0.3 * 0.5**r, 0.05 * 0.5**r))
+    # the schedule is a model option: saved with the hyperparameters, so checkpoints rebuild it
+    assert cli.model.hparams["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
+
+
+def test_lr_scheduler_as_a_module_option_and_its_errors():
+    def module(schedule):
+        return RegressionModule(
+            nn.Linear(10, 3), num_clients=6, num_adaptors=2, rank=1, optimizer=ClientOptimizer(lr=0.1),
+            lr_scheduler=schedule,
+        )  # fmt: skip
+
+    rates = LearningRates()
+    fit(module({"class_path": "ExponentialLR", "init_args": {"gamma": 0.9}}), 3, rates)
+    assert [next(iter(rates.by_round[r]))[0] for r in range(3)] == pytest.approx([0.1, 0.09, 0.081])
+
+    with pytest.raises(ValueError, match="class_path"):
+        module({"init_args": {}})
+    with pytest.raises(ValueError, match="cannot be imported"):
+        module({"class_path": "NoSuchLR"}).configure_optimizers()
+    with pytest.raises(ValueError, match="needs init_args.monitor"):
+        module({"class_path": "ReduceLROnPlateau"}).configure_optimizers()
+    plateau = module({"class_path": "ReduceLROnPlateau", "init_args": {"monitor": "val/mse"}}).configure_optimizers()
+    assert plateau["lr_scheduler"]["monitor"] == "val/mse"
+
+
+def test_cli_refuses_a_top_level_optimizer_by_name():
+    with pytest.raises(ValueError, match="--optimizer=torch.optim.Adam is not supported.*router"):
+        main([f"--config={CONFIG}", "--optimizer=torch.optim.Adam", *QUIET], run=False)
+
+
+@pytest.mark.parametrize(
+    ("setting", "name"),
+    [
+        ({"limit_train_batches": 0.5}, "limit_train_batches=0.5"),
+        ({"limit_train_batches": 3}, "limit_train_batches=3"),
+        ({"overfit_batches": 2}, "overfit_batches=2"),
+        ({"max_steps": 10}, "max_steps=10"),
+        ({"min_steps": 3}, "min_steps=3"),
+        ({"limit_val_batches": 0.5}, "limit_val_batches=0.5"),
+        ({"max_time": "00:00:10:00"}, "max_time"),
+    ],
+)
+def test_trainer_settings_that_cut_a_round_short_are_refused_by_name(setting, name):
+    module = RegressionModule(nn.Linear(10, 3), num_clients=6, num_adaptors=2, rank=1)
+    with pytest.raises(ValueError, match=f"cannot honour: {name}"):
+        fit(module, 1, **setting)
+
+
+class SlowRound(L.Callback):
+    """Makes every round last ``seconds`` (before the timer looks at the clock)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        time.sleep(self.seconds)
+
+
+def test_an_epoch_timer_stops_at_the_end_of_a_round():
+    module = RegressionModule(nn.Linear(10, 3), num_clients=6, num_adaptors=2, rank=1)
+    callback = FederatedCallback()
+    trainer = fit(module, 5, callback, SlowRound(0.6), Timer("00:00:00:01", interval="epoch"))
+    assert trainer.current_epoch == 2 and callback.round == 2  # two whole rounds, both aggregated
+    assert callback._active_client is None
