@@ -17,8 +17,8 @@ from floral_lightning import FloralModel, FloralModule
 from floral_lightning.cli import main
 from floral_lightning.experiments import METHODS, TASKS, config_args, method_overrides
 from floral_lightning.export import main as export_main
+from floral_lightning.module import RegressionModule
 from floral_lightning.pretrained import build_module, load_pretrained, save_client_model, save_pretrained
-from floral_lightning.tasks import RegressionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
@@ -129,15 +129,15 @@ def test_client_model_of_every_method_matches_its_evaluation(tmp_path):
     x = torch.randn(7, 10)
     spec = {"class_path": "torch.nn.Linear", "init_args": {"in_features": 10, "out_features": 3}}
     for cls, options in [
-        (methods.RegressionFedAvgModule, {}),
-        (methods.RegressionLocalAdaptorModule, {"rank": 1}),
-        (methods.RegressionEnsembleModule, {"num_members": 2}),
-        (methods.RegressionFedProxModule, {"num_adaptors": 2, "rank": 1}),
-        (methods.RegressionDittoModule, {}),
-        (methods.RegressionFineTuneModule, {"finetune_epochs": 1}),  # fine-tunes on the attached data
+        (methods.FedAvgModule, {}),
+        (methods.LocalAdaptorModule, {"rank": 1}),
+        (methods.EnsembleModule, {"num_members": 2}),
+        (methods.FedProxModule, {"num_adaptors": 2, "rank": 1}),
+        (methods.DittoModule, {}),
+        (methods.FineTuneModule, {"finetune_epochs": 1}),  # fine-tunes on the attached data
     ]:
         torch.manual_seed(0)
-        module = cls(spec, num_clients=6, **options)
+        module = cls(spec, num_clients=6, task="regression", **options)
         ckpt = _fit_python(module, tmp_path, rounds=2)
         module.eval()
         reloaded = FloralModule.load_from_checkpoint(ckpt)  # the method's own class, from the checkpoint
@@ -146,7 +146,7 @@ def test_client_model_of_every_method_matches_its_evaluation(tmp_path):
             for k in (1, 4):
                 expected = module.evaluation_outputs(x, torch.full((7,), k))
                 torch.testing.assert_close(module.client_model(k)(x), expected, rtol=1e-5, atol=1e-5, msg=cls)
-                if cls is methods.RegressionFineTuneModule:  # fine-tuning reads the client's data: none attached
+                if cls is methods.FineTuneModule:  # fine-tuning reads the client's data: none attached
                     with pytest.raises(RuntimeError, match="federated data module"):
                         reloaded.client_model(k)
                 else:

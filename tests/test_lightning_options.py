@@ -15,8 +15,7 @@ from torch import nn
 
 from callbacks import FederatedCallback
 from floral_lightning.cli import main
-from floral_lightning.module import ClientOptimizer
-from floral_lightning.tasks import RegressionModule
+from floral_lightning.module import ClientOptimizer, RegressionModule
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "synthetic_linear.yaml"
 QUIET = [

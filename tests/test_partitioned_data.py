@@ -21,8 +21,7 @@ from floral_lightning.data import (
     NpzClients,
     SyntheticLinear,
 )
-from floral_lightning.module import ClientOptimizer, RouterOptions
-from floral_lightning.tasks import RegressionModule
+from floral_lightning.module import ClientOptimizer, FloralModule, RegressionModule, RouterOptions
 
 NUM_CLIENTS, SAMPLES = 6, 15
 
@@ -131,9 +130,7 @@ def test_npz_with_client_ids_keeps_each_clients_samples_and_clusters(tmp_path):
         assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, x[rows].tolist()))
         assert int(data.clusters[k]) == int(cluster[rows[0]])
     # through the round loop, with the clusters for the routing metrics
-    model = RegressionModule(nn.Linear(10, 1), num_clients=5, num_adaptors=3, rank=1)
-    model.compute_loss = lambda out, target: ((out.squeeze(1) - target.float()) ** 2).mean()
-    model.compute_metrics = lambda out, target: {"mse": (out.squeeze(1) - target.float()) ** 2}
+    model = FloralModule(nn.Linear(10, 4), num_clients=5, num_adaptors=3, rank=1)  # classification
     trainer = fit(model, data, rounds=1)
     assert "val/routing_ari" in trainer.callback_metrics
 
