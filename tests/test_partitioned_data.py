@@ -133,6 +133,11 @@ def test_npz_with_client_ids_keeps_each_clients_samples_and_clusters(tmp_path):
     model = FloralModule(nn.Linear(10, 4), num_clients=5, num_adaptors=3, rank=1)  # classification
     trainer = fit(model, data, rounds=1)
     assert "val/routing_ari" in trainer.callback_metrics
+    # the oracle router takes the given clusters
+    oracle = FloralModule(nn.Linear(10, 4), num_clients=5, num_adaptors=3, rank=1, router=RouterOptions(oracle=True))
+    fit(oracle, data, rounds=1)
+    assert oracle.model.router.frozen
+    assert torch.equal(oracle.model.router.logits.argmax(-1), data.clusters % 3)
 
 
 def test_npz_with_given_train_and_test_splits(tmp_path):
@@ -231,3 +236,19 @@ def test_cli_trains_on_an_npz_with_client_ids(tmp_path):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert torch.equal(cli.datamodule.clusters, torch.tensor(clusters))
     assert {"val/mse", "val/routing_ari"} <= set(cli.trainer.callback_metrics)
+
+
+def test_dataset_clients_get_reduction_and_a_validation_split():
+    datasets = [torch.utils.data.TensorDataset(torch.arange(20.0)[:, None], torch.arange(20)) for _ in range(3)]
+    test = [torch.utils.data.TensorDataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)) for _ in range(3)]
+    data = FederatedDataModule(ClientDatasets(datasets, test), num_clients=3, val_fraction=0.25, train_fraction=0.5,
+                               min_train_size=4, seed=0)  # fmt: skip
+    data.setup()
+    assert data.clusters is None
+    assert data.train_sizes.tolist() == [8, 8, 8]  # 10 kept of 20, then 2 (25 %) moved to validation
+    assert data.val_dataloader().sizes.tolist() == [2, 2, 2] and data.test_dataloader().sizes.tolist() == [2, 2, 2]
+    train_items = {int(y) for x, y, k in data.train_dataloader() if k == 0 for y in y}
+    val_items = {int(y) for x, y, ids in data.val_dataloader() for y, k in zip(y, ids) if k == 0}
+    assert len(train_items) == 8 and len(val_items) == 2 and not train_items & val_items
+    with pytest.raises(TypeError, match="serves datasets item by item"):
+        data.client_split(0, "train")

@@ -270,8 +270,19 @@ class DatasetRoundLoader:
             generator=seeded_generator(seed, Stream.LOADER, -1, 0, 0),  # the workers' base seed
         )
 
-    set_round = RoundLoader.set_round
-    clients = RoundLoader.clients
+    def set_round(self, round_idx: int, clients: Sequence[int]) -> None:
+        """Select the round number (for seeding) and the clients that train in it, in order."""
+        ids = [int(k) for k in clients]
+        bad = [k for k in ids if not 0 <= k < self.data.num_clients]
+        if bad:
+            raise ValueError(f"clients {bad} out of range; valid ids are 0..{self.data.num_clients - 1}")
+        self.round_idx = int(round_idx)
+        self._clients = ids
+
+    @property
+    def clients(self) -> list[int]:
+        """The clients of the current round, in training order."""
+        return list(self._clients)
 
     @property
     def num_workers(self) -> int:
