@@ -40,9 +40,15 @@ class FloralCLI(LightningCLI):
             )
         scheduler = config.get("lr_scheduler")
         if scheduler:
-            if config.model.init_args.get("lr_scheduler"):
-                raise ValueError("both --lr_scheduler and model.init_args.lr_scheduler are set; keep one of them")
-            config.model.init_args.lr_scheduler = scheduler.as_dict()
+            scheduler = scheduler.as_dict()
+            # resuming with --ckpt_path brings the run's schedule back as the model option: the same one is fine
+            existing = config.model.init_args.get("lr_scheduler")
+            if existing and existing != scheduler:
+                raise ValueError(
+                    f"--lr_scheduler={scheduler} differs from model.init_args.lr_scheduler={existing} "
+                    "(from the config or the checkpoint being resumed); keep one of them"
+                )
+            config.model.init_args.lr_scheduler = scheduler
             config.lr_scheduler = None
 
 

@@ -141,3 +141,28 @@ def test_an_epoch_timer_stops_at_the_end_of_a_round():
     trainer = fit(module, 5, callback, SlowRound(0.6), Timer("00:00:00:01", interval="epoch"))
     assert trainer.current_epoch == 2 and callback.round == 2  # two whole rounds, both aggregated
     assert callback._active_client is None
+
+
+@pytest.mark.slow
+def test_the_schedule_continues_when_a_run_is_resumed(tmp_path):
+    schedule = ["--lr_scheduler=StepLR", "--lr_scheduler.step_size=1", "--lr_scheduler.gamma=0.5"]
+    args = [f"--config={CONFIG}", "--model.init_args.optimizer.lr=0.2", *schedule, *QUIET[:1], *QUIET[3:]]
+    main(["fit", *args, "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}"])
+    (ckpt,) = (tmp_path / "checkpoints").glob("last.ckpt")
+    args += [f"--trainer.default_root_dir={tmp_path / 'resumed'}"]
+    # the same command again with --ckpt_path: the checkpoint's schedule equals --lr_scheduler, so it is accepted
+    resumed = main(
+        [
+            "fit",
+            *args,
+            "--trainer.max_epochs=4",
+            f"--ckpt_path={ckpt}",
+            "--trainer.callbacks+=test_lightning_options.LearningRates",
+        ]
+    )
+    (rates,) = [c for c in resumed.trainer.callbacks if isinstance(c, LearningRates)]
+    assert sorted(rates.by_round) == [2, 3]
+    for r in (2, 3):
+        assert next(iter(rates.by_round[r]))[0] == pytest.approx(0.2 * 0.5**r)  # the schedule's state was restored
+    with pytest.raises(ValueError, match="differs from model.init_args.lr_scheduler"):
+        main(["fit", *args, "--lr_scheduler.gamma=0.9", f"--ckpt_path={ckpt}"])
