@@ -262,11 +262,14 @@ class FloralModule(L.LightningModule):
         The CLI records the method's class (``_class_path``, e.g. ``floral_lightning.methods.DittoModule``);
         Lightning drops that key for a base class whose ``__init__`` takes no ``**kwargs``, and would build
         a ``FloralModule`` with the wrong tensors. Classes of this package are imported; any other recorded
-        class must already be imported (Lightning's rule: a checkpoint never imports new code).
+        class must already be imported (Lightning's rule: a checkpoint never imports new code). The file is
+        read with ``weights_only=True`` unless ``weights_only=False`` is passed (for a trusted checkpoint
+        holding other Python objects).
         """
         # the checkpoint holds plain data (the option dataclasses are registered as safe): no code runs on load
+        # unless the caller trusts the file and passes weights_only=False
         kwargs.setdefault("weights_only", True)
-        header = cls._checkpoint_header(checkpoint_path)
+        header = cls._checkpoint_header(checkpoint_path, kwargs["weights_only"])
         hparams = dict(header.get("hyper_parameters") or {})
         class_path = hparams.get("_class_path", header.get(CLASS_PATH_KEY))
         target = cls._recorded_class(checkpoint_path, class_path)
@@ -281,11 +284,11 @@ class FloralModule(L.LightningModule):
         return module
 
     @staticmethod
-    def _checkpoint_header(checkpoint_path: str | os.PathLike) -> dict:
+    def _checkpoint_header(checkpoint_path: str | os.PathLike, weights_only: bool) -> dict:
         """The checkpoint (tensors memory-mapped, not read), or ``{}`` for a URL or a stream."""
         if not os.path.isfile(checkpoint_path):
             return {}
-        return torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only, mmap=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the method's class, for ``FloralModule.load_from_checkpoint`` (the CLI also records it in the
