@@ -245,8 +245,7 @@ class FloralModule(L.LightningModule):
             warnings.filterwarnings("ignore", message="Attribute 'base' is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=list(self.hparams_not_saved), frame=inspect.currentframe().f_back)
         if isinstance(self.hparams.get("base"), nn.Module):
-            self._hparams["base"] = None
-            self._hparams_initial["base"] = None
+            self.save_hyperparameters({**self.hparams, "base": None})  # a dict replaces the saved set
 
     @property
     def base_spec(self) -> dict | None:
@@ -280,7 +279,7 @@ class FloralModule(L.LightningModule):
         # the reloaded module's own checkpoints and folders rebuild it too
         spec = hparams.get("base")
         if module.base_spec is None and isinstance(spec, Mapping) and "base" not in kwargs:
-            module._hparams["base"] = module._hparams_initial["base"] = dict(spec)
+            module.save_hyperparameters({**module.hparams, "base": dict(spec)})
         return module
 
     @staticmethod
