@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, Timer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 
 from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
 from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
@@ -70,6 +70,14 @@ class FederatedCallback(Callback):
         server_momentum: SGD momentum of the server (``None``: 0 for sgd, 0.9 for avgm).
         server_betas: betas of the adaptive server optimizers.
         server_eps: epsilon (tau) of the adaptive server optimizers (``None``: 1e-3).
+        skip_nonfinite_clients: what a non-finite training loss or client update does. ``False`` (default):
+            training stops with a ``FloatingPointError`` naming the client, round and step, and the last
+            round-end checkpoint stays the newest. ``True``: the client's update is dropped from the round
+            (its mixture and private state stay as they were before the round), a warning names it, and
+            ``round/skipped_clients`` logs how many were dropped.
+
+    A non-finite aggregated weight after the server step always stops training (naming the round and the
+    tensors): no client is left to blame.
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class FederatedCallback(Callback):
         server_momentum: float | None = None,
         server_betas: tuple[float, float] = (0.9, 0.99),
         server_eps: float | None = None,
+        skip_nonfinite_clients: bool = False,
     ) -> None:
         if local_epochs < 1:
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
@@ -92,6 +101,7 @@ class FederatedCallback(Callback):
         self.server = ServerOptimizer(
             server_optimizer, server_lr, server_adaptor_lr, server_momentum, tuple(server_betas), server_eps
         )
+        self.skip_nonfinite_clients = skip_nonfinite_clients
         self.round = 0
         self.clients: list[int] = []
         # bound to the trainer's module and data in ``on_fit_start``
@@ -102,6 +112,12 @@ class FederatedCallback(Callback):
         self._aggregator: StreamingAggregator | None = None
         self._active_client: int | None = None
         self._pending_server_state: dict | None = None
+        # the active client's local step, its logits before training (restored if its update is dropped), and
+        # whether a non-finite loss was seen; the round's dropped clients
+        self._local_step = 0
+        self._logits_before: torch.Tensor | None = None
+        self._nonfinite_loss: str | None = None
+        self._skipped: list[int] = []
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -167,6 +183,7 @@ class FederatedCallback(Callback):
         self._loader.set_round(self.round, self.clients)
         self._aggregator = StreamingAggregator(self._global, self._roles)
         self._active_client = None
+        self._skipped = []
 
     # --- one client at a time ----------------------------------------------------------------------------
     def on_train_batch_start(
@@ -190,20 +207,52 @@ class FederatedCallback(Callback):
         # depend on who trained before it, in which process, or whether the run was resumed
         seed_local_training(self.seed, self.round, client_id)
         self._active_client = client_id
+        self._local_step = 0
+        self._nonfinite_loss = None
+        self._logits_before = pl_module.client_logits(client_id).clone()
         pl_module.on_client_start(client_id)
         self.on_client_start(trainer, pl_module, client_id)
 
     def _finish_client(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         k = self._active_client
-        pl_module.on_client_end(k)
-        update = ClientUpdate(k, pl_module.federated_state(), int(self._train_sizes[k]), pl_module.client_logits(k))
-        self.on_client_update(trainer, pl_module, update)
-        self._aggregator.add(update.state, update.num_samples, update.logits)
+        problem = self._nonfinite_loss
+        if problem is None:
+            problem = _nonfinite_update(pl_module.federated_state(), pl_module.client_logits(k))
+            if problem is not None:
+                problem += f" after its last local step {self._local_step - 1}"
+        if problem is not None:
+            self._nonfinite(trainer, problem)
+            # the logits row is a view of the router table: copying into it restores the client's mixture;
+            # on_client_end is not called, so its stored private state (personal model, adaptor) is untouched
+            pl_module.client_logits(k).copy_(self._logits_before)
+            self._skipped.append(k)
+        else:
+            pl_module.on_client_end(k)
+            update = ClientUpdate(k, pl_module.federated_state(), int(self._train_sizes[k]), pl_module.client_logits(k))
+            self.on_client_update(trainer, pl_module, update)
+            self._aggregator.add(update.state, update.num_samples, update.logits)
         self._active_client = None
+
+    def _nonfinite(self, trainer: L.Trainer, problem: str) -> None:
+        """Stop the run on a non-finite loss or update of the active client, or (skipping) warn about it."""
+        where = f"client {self._active_client} in round {self.round} (global step {trainer.global_step})"
+        if not self.skip_nonfinite_clients:
+            raise FloatingPointError(
+                f"{problem} of {where}. Training stopped; {_last_good_checkpoint(trainer)}. Lower the learning "
+                "rate (model.init_args.optimizer.lr), or set federated.skip_nonfinite_clients=true to drop such "
+                "clients' updates instead"
+            )
+        warnings.warn(f"{problem} of {where}: its update is dropped from the round", stacklevel=2)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if self._nonfinite_loss is None and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite_loss = f"non-finite training loss ({loss.item()}) at local step {self._local_step}"
+            if not self.skip_nonfinite_clients:
+                self._nonfinite(trainer, self._nonfinite_loss)  # stop at the step it happened
+        self._local_step += 1
         if batch_idx + 1 < trainer.num_training_batches:
             return
         self._finish_client(trainer, pl_module)
@@ -213,10 +262,20 @@ class FederatedCallback(Callback):
         """Aggregate, take the server step, load the new global weights, and sample the next round."""
         averages = self._aggregator.result(fallback=self._global)
         self.server.step(self._global, averages)
+        bad = [name for name, tensor in self._global.items() if not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise FloatingPointError(
+                f"the aggregated weights after round {self.round} (global step {trainer.global_step}) are not "
+                f"finite: {bad[:5]}{' ...' if len(bad) > 5 else ''}. Training stopped; "
+                f"{_last_good_checkpoint(trainer)}. Lower federated.server_lr or the client learning rate"
+            )
         state = pl_module.federated_state()
         with torch.no_grad():
             torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
         pl_module.log("round/clients", float(self._aggregator.num_clients), on_step=False, on_epoch=True, batch_size=1)
+        if self.skip_nonfinite_clients:
+            skipped = float(len(self._skipped))
+            pl_module.log("round/skipped_clients", skipped, on_step=False, on_epoch=True, batch_size=1)
         self.round += 1
         self._start_round(trainer)
 
@@ -229,18 +288,40 @@ class FederatedCallback(Callback):
                 stacklevel=2,
             )
 
-    def state_dict(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
+        """The options that shape the run's future (its client samples and server steps), by config key."""
+        server = self.server
         return {
-            "round": self.round,
             "seed": self.seed,
             "clients_per_round": self.clients_per_round,
-            "server_optimizer": self.server.state_dict(),
+            "local_epochs": self.local_epochs,
+            "server_optimizer": server.name,
+            "server_lr": server.lr,
+            "server_adaptor_lr": server.adaptor_lr,
+            "server_momentum": server.momentum,
+            "server_betas": list(server.betas),
+            "server_eps": server.eps,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "settings": self.settings(), "server_optimizer": self.server.state_dict()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the round and the server optimizer; settings that differ from the checkpoint's are refused by
+        name (resuming under other settings would silently give another run than the one checkpointed)."""
+        saved = state_dict.get("settings", {})
+        ours = self.settings()
+        differ = [
+            f"federated.{key}={ours[key]!r} (checkpoint: {value!r})"
+            for key, value in saved.items()
+            if repr(ours.get(key)) != repr(value)  # repr: a fraction 1.0 (all clients) is not a count 1
+        ]
+        if differ:
+            raise ValueError(
+                f"resuming with round-loop settings that differ from the checkpoint's: {', '.join(differ)}. Give the "
+                "checkpoint's values (or drop the overrides), or start a new run without --ckpt_path"
+            )
         self.round = state_dict["round"]
-        self.seed = state_dict["seed"]
-        self.clients_per_round = state_dict["clients_per_round"]
         self._pending_server_state = state_dict["server_optimizer"]
 
 
@@ -276,3 +357,25 @@ def refuse_round_changing_settings(trainer: L.Trainer) -> None:
             )
     if problems:
         raise ValueError("the federated round loop cannot honour: " + "; ".join(problems))
+
+
+def _nonfinite_update(state: dict[str, torch.Tensor], logits: torch.Tensor) -> str | None:
+    """What is non-finite in a client's trained weights and logits, or ``None`` when all are finite."""
+    tensors = {**state, "router logits": logits}
+    bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if not bad:
+        return None
+    return f"non-finite weights {bad[:5]}{' ...' if len(bad) > 5 else ''} in the update"
+
+
+def _last_good_checkpoint(trainer: L.Trainer) -> str:
+    """Where the newest round-end checkpoint is, for the message of a stopped run."""
+    paths = [
+        cb.last_model_path or cb.best_model_path
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint)
+    ]
+    paths = [p for p in paths if p]
+    if not paths:
+        return "this run wrote no checkpoint before it"
+    return f"the last good checkpoint is {paths[0]} (resume with --ckpt_path=last)"

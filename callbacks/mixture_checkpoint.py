@@ -3,21 +3,31 @@
 The mixtures are in every checkpoint already (the router is part of the model); this file is for reading
 them without the model: ``epoch=9-step=200.ckpt`` gets ``epoch=9-step=200.mixtures.json`` beside it, written
 atomically and removed together with its checkpoint.
+
+The two files of a pair cannot be replaced in one atomic step, so both carry the round and global step, and
+the mixtures are written first: a crash between the two writes leaves a mixtures file one save ahead of its
+checkpoint, never behind it. :func:`read_mixtures` checks the stamps and refuses a mismatched pair, and a run
+resumed from a checkpoint rewrites that checkpoint's mixtures file from the checkpoint itself before training,
+so a resume never pairs a checkpoint with another round's mixtures. Temporary files of a crashed write
+(``*.tmp`` beside the checkpoints) are removed when a run starts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from .federated import FederatedCallback
+
+TMP_SUFFIX = ".tmp"
 
 
 def mixtures_path(checkpoint_path: str | os.PathLike) -> Path:
@@ -52,29 +62,81 @@ def mixtures_record(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[st
 
 
 def write_json_atomic(record: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    """Write strict JSON to a temporary sibling, then rename: a crash never leaves half a file.
+
+    The file gets the mode any new file gets (``0666`` less the umask, as the checkpoint); a non-finite number
+    is refused with the path named (strict JSON has no NaN)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
+        text = json.dumps(record, allow_nan=False)
+    except ValueError as err:
+        clients = [c["client_id"] for c in record.get("clients", []) if not all(map(math.isfinite, c["mixture"]))]
+        raise ValueError(f"refusing to write {path}: non-finite mixtures of clients {clients[:10]} ({err})") from err
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+def read_mixtures(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
+    """The mixtures record written beside ``checkpoint_path``, after checking that both are of the same save
+    (same round and global step); a mismatched pair raises ``ValueError`` naming both files."""
+    path = mixtures_path(checkpoint_path)
+    record = json.loads(path.read_text())
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    stamp = _checkpoint_stamp(checkpoint)
+    if (record.get("round"), record.get("global_step")) != stamp:
+        raise ValueError(
+            f"{path} is of round {record.get('round')} (global step {record.get('global_step')}) but {checkpoint_path} "
+            f"is of round {stamp[0]} (global step {stamp[1]}): the pair was split by a crash between the two writes; "
+            "resuming from the checkpoint rewrites the mixtures file"
+        )
+    return record
+
+
+def _checkpoint_stamp(checkpoint: dict[str, Any]) -> tuple[int | None, int]:
+    # the round loop's state: the callback state with a round and server state (its key is the class's name)
+    states = checkpoint.get("callbacks", {}).values()
+    loop = next((v for v in states if isinstance(v, dict) and {"round", "server_optimizer"} <= v.keys()), None)
+    return (None if loop is None else loop["round"]), checkpoint["global_step"]
+
+
 class MixtureCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` (all its options apply) that writes ``<checkpoint>.mixtures.json`` beside each file."""
+    """``ModelCheckpoint`` (all its options apply) that writes ``<checkpoint>.mixtures.json`` beside each file.
+
+    Why ``_save_checkpoint``/``_remove_checkpoint`` are overridden: they are the only places that know the path
+    of the checkpoint being written or removed (``on_save_checkpoint`` gets the checkpoint's contents, not its
+    path, and there is no public hook for removal), and the mixtures file must be named after its checkpoint.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath is not None and Path(self.dirpath).is_dir():
+            # left by a run killed in the middle of a write (ours, or fsspec's for the checkpoint)
+            for stale in Path(self.dirpath).glob(f"*{TMP_SUFFIX}"):
+                stale.unlink(missing_ok=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """When resuming, rewrite the resumed checkpoint's mixtures file from the restored model and step (both
+        restored by now), so the pair is consistent even if a crash split it."""
+        if trainer.ckpt_path and trainer.is_global_zero and pl_module.client_mixtures() is not None:
+            path = mixtures_path(trainer.ckpt_path)
+            if path.exists():
+                write_json_atomic(mixtures_record(trainer, pl_module), path)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            if trainer.lightning_module.client_mixtures() is None:  # e.g. FedAvg: a plain checkpoint
+                rank_zero_info("MixtureCheckpoint: the model has no client mixtures; writing checkpoints only")
+            else:  # first: a crash before the checkpoint's write leaves the mixtures ahead, detectably
+                write_json_atomic(mixtures_record(trainer, trainer.lightning_module), mixtures_path(filepath))
         super()._save_checkpoint(trainer, filepath)
-        if not trainer.is_global_zero:
-            return
-        if trainer.lightning_module.client_mixtures() is None:  # e.g. FedAvg: a plain checkpoint
-            rank_zero_info("MixtureCheckpoint: the model has no client mixtures; writing checkpoints only")
-            return
-        write_json_atomic(mixtures_record(trainer, trainer.lightning_module), mixtures_path(filepath))
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

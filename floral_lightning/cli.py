@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import FederatedCallback
@@ -22,6 +29,11 @@ class FloralCLI(LightningCLI):
     parameter group's own rate). ``--optimizer`` is refused: Lightning would replace the module's optimizer
     with one whose single rate drops the per-group rates (base, adaptors, router); the client optimizer is
     ``model.init_args.optimizer``.
+
+    Resuming: ``--ckpt_path=last`` resumes from the newest ``last.ckpt`` of the run directory
+    (``trainer.default_root_dir``; see :func:`find_last_checkpoint`) and starts from scratch when there is none,
+    so the same command starts a run and resumes it after a crash. When resuming, a model option that differs from
+    the checkpoint's hyperparameters is refused by name (:func:`differing_model_options`), never silently replaced.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -50,6 +62,112 @@ class FloralCLI(LightningCLI):
                 )
             config.model.init_args.lr_scheduler = scheduler
             config.lr_scheduler = None
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            self.config[subcommand] = resolve_resume(self.config[subcommand], subcommand)
+            if self.config[subcommand].get("ckpt_path") is not None:
+                # a resumed run without a logger writes its config.yaml where the crashed run wrote its own
+                self.save_config_kwargs["overwrite"] = True
+
+
+def resolve_resume(config: Any, subcommand: str) -> Any:
+    """Turn ``ckpt_path: last`` into the newest ``last.ckpt`` of the run directory (or ``None`` for a fresh
+    ``fit``), and refuse to resume (``fit``) a checkpoint whose model options differ from the config's; ``validate``
+    and ``test`` evaluate the checkpoint's model and say which config options it replaces."""
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path == "last":
+        root = Path(config["trainer"].get("default_root_dir") or ".")
+        found = find_last_checkpoint(root)
+        if found is None and subcommand != "fit":
+            _refuse(f"--ckpt_path=last: no last.ckpt under {root} to {subcommand}")
+        if found is None:
+            print(f"--ckpt_path=last: no last.ckpt under {root}; starting a new run", file=sys.stderr)
+        else:
+            print(f"--ckpt_path=last: resuming from {found}", file=sys.stderr)
+        config["ckpt_path"] = None if found is None else str(found)
+    elif _is_local_path(ckpt_path) and not Path(ckpt_path).is_file():
+        _refuse(f"--ckpt_path={ckpt_path}: no such file; give a checkpoint file, or 'last' for the newest last.ckpt")
+    if _is_local_path(config.get("ckpt_path")):
+        hparams = _checkpoint_hparams(Path(config["ckpt_path"]))
+        differ = differing_model_options(config["model"].as_dict(), hparams)
+        if differ and subcommand != "fit":  # evaluating a checkpoint: its model, whatever the config says
+            print(
+                f"{subcommand}: the checkpoint's model options replace the config's: {', '.join(differ)}",
+                file=sys.stderr,
+            )
+        elif differ:
+            _refuse(
+                f"resuming {config['ckpt_path']} with model options that differ from the checkpoint's: "
+                f"{', '.join(differ)}. The checkpoint's weights belong to its own options: drop the override(s), "
+                "or start a new run without --ckpt_path"
+            )
+    return config
+
+
+def _is_local_path(ckpt_path: str | None) -> bool:
+    """Whether ``ckpt_path`` names a local file (not a URL, nor one of Lightning's other keywords)."""
+    return ckpt_path is not None and "://" not in ckpt_path and ckpt_path not in ("best", "hpc", "registry")
+
+
+def find_last_checkpoint(root: Path) -> Path | None:
+    """The newest (by modification time) ``last.ckpt`` of the run directory ``root``: under
+    ``root/<logger name>/version_*/checkpoints/`` (one folder per run of the same command) or ``root/checkpoints/``
+    (no logger)."""
+    candidates = [*root.glob("*/version_*/checkpoints/last.ckpt"), *root.glob("checkpoints/last.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def differing_model_options(model_config: dict[str, Any], hparams: dict[str, Any]) -> list[str]:
+    """``model.<key>=<config value> (checkpoint: <value>)`` for every option saved in the checkpoint's
+    hyperparameters that the config gives another value (options the module does not save, such as ``base``,
+    are checked by the state dict's shapes when the weights load)."""
+    saved = {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
+    ours = _flatten(model_config.get("init_args") or {}, "model.init_args")
+    differ = []
+    if "_class_path" in hparams and model_config.get("class_path") != hparams["_class_path"]:
+        differ.append(f"model.class_path={model_config.get('class_path')!r} (checkpoint: {hparams['_class_path']!r})")
+    for key, value in _flatten(saved, "model.init_args").items():
+        # repr: an int rank 1 (one component) is not the fraction 1.0 (the whole budget)
+        if key in ours and repr(ours[key]) != repr(value):
+            differ.append(f"{key}={ours[key]!r} (checkpoint: {value!r})")
+    return differ
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """Nested dicts and dataclasses as ``{dotted.key: leaf}``; tuples become lists (YAML has no tuples)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}"))
+        return out
+    if isinstance(value, tuple):
+        value = list(value)
+    return {prefix: value}
+
+
+def _checkpoint_hparams(path: Path) -> dict[str, Any]:
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated one has lost its directory
+        _refuse(
+            f"--ckpt_path={path}: not a checkpoint (not a complete torch.save archive: truncated, or another format)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a truncated file, another format: name the file, not just the reader's complaint
+        _refuse(f"--ckpt_path={path}: cannot read it as a checkpoint ({type(err).__name__}: {err})")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        _refuse(f"--ckpt_path={path}: not a Lightning checkpoint (no 'state_dict' in it)")
+    return dict(checkpoint.get("hyper_parameters", {}))
+
+
+def _refuse(message: str) -> None:
+    """Exit like an argument error: the message on stderr, exit code 2, no traceback."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FloralCLI:

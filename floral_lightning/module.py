@@ -133,6 +133,16 @@ def build_lr_scheduler(spec: dict, optimizer: torch.optim.Optimizer) -> dict:
     return config
 
 
+def _expected_input(model: nn.Module) -> str:
+    """What the model's first weighted layer takes, in words (for the error of a dry forward)."""
+    for name, module in model.named_modules():
+        for attribute, unit in (("in_features", "features"), ("in_channels", "channels"), ("num_embeddings", "ids")):
+            size = getattr(module, attribute, None)
+            if isinstance(size, int):
+                return f"the model's first layer {name or 'model'} ({type(module).__name__}) expects {size} {unit}"
+    return f"the model ({type(model).__name__}) does not accept them"
+
+
 class FloralModule(L.LightningModule):
     """Personalised federated training of ``base`` with FLoRAL (or plain FedAvg with ``num_adaptors=0``).
 
@@ -206,6 +216,9 @@ class FloralModule(L.LightningModule):
         self.targets = targets or Targets()
         self.router_options = router or RouterOptions()
         self.optimizer_options = optimizer or ClientOptimizer()
+        # save the resolved options, not None: a resume compares every option with the checkpoint's
+        resolved = {"targets": self.targets, "router": self.router_options, "optimizer": self.optimizer_options}
+        self.hparams.update({k: v for k, v in resolved.items() if k not in self.hparams_not_saved})
         if self.optimizer_options.name not in CLIENT_OPTIMIZERS:
             raise ValueError(f"optimizer.name={self.optimizer_options.name!r}: expected one of {CLIENT_OPTIMIZERS}")
         self.num_clients = num_clients
@@ -387,6 +400,45 @@ class FloralModule(L.LightningModule):
             if clusters is None:
                 raise ValueError("router.oracle=true needs a data module with true client clusters (`clusters`)")
             router.set_oracle(clusters % router.num_adaptors)
+        if datamodule is not None and hasattr(datamodule, "val_dataloader") and getattr(datamodule, "is_built", False):
+            self.check_data_fits(datamodule)
+
+    @torch.no_grad()
+    def check_data_fits(self, datamodule: L.LightningDataModule) -> None:
+        """One dry forward of two evaluation samples at setup, so data the model cannot take fail now, with the
+        model's expected input and the data's shape named, not as a shape error deep inside training.
+
+        Also checks that a classifier has one output per class of the data (``num_classes``) and that a
+        regressor's outputs have the targets' shape. Runs in eval mode (no router noise, no dropout, norm
+        statistics untouched), so it changes nothing the run computes afterwards.
+        """
+        batch = next(iter(datamodule.val_dataloader()), None)
+        if batch is None:
+            return
+        x, y, client_ids = (t[:2] for t in batch)
+        was_training = self.training
+        self.eval()
+        try:
+            outputs = self(x.to(self.device), client_ids.to(self.device))
+        except (RuntimeError, ValueError, IndexError) as err:
+            values = f"{x[0].numel()} value{'s' if x[0].numel() != 1 else ''}"
+            raise ValueError(
+                f"the data's inputs do not fit the model: each sample has shape {tuple(x.shape[1:])} ({values}), "
+                f"but {_expected_input(self.model)}. The forward pass said: {err}"
+            ) from err
+        finally:
+            self.train(was_training)
+        num_classes = getattr(datamodule, "num_classes", None)
+        if not y.is_floating_point() and num_classes is not None and outputs.shape[-1] != num_classes:
+            raise ValueError(
+                f"the model outputs {outputs.shape[-1]} scores per sample but the data has num_classes={num_classes} "
+                f"(labels 0..{num_classes - 1}); make the model's output size match the number of classes"
+            )
+        if y.is_floating_point() and outputs.shape[1:] != y.shape[1:]:
+            raise ValueError(
+                f"the model outputs shape {tuple(outputs.shape[1:])} per sample but the targets have shape "
+                f"{tuple(y.shape[1:])}; make the model's output size match the targets"
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         """The client optimizer (``configure_client_optimizer``) and, if set, its schedule over rounds.

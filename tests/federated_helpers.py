@@ -4,6 +4,9 @@ client's report."""
 from __future__ import annotations
 
 import copy
+import os
+import time
+from pathlib import Path
 
 import lightning as L
 
@@ -50,3 +53,17 @@ class RecordingCallback(FederatedCallback):
     def on_client_update(self, trainer, pl_module, update):
         state = {n: t.detach().clone() for n, t in update.state.items()}
         self.updates.append(ClientUpdate(update.client_id, state, update.num_samples, update.logits.clone()))
+
+
+class PauseMidRound(L.Callback):
+    """Test helper for crash tests run as a subprocess: at local step ``step`` of round ``round_idx`` (after
+    that round's previous round-end checkpoint exists) it writes ``marker`` and sleeps, so the test can SIGKILL
+    the process at a known point in the middle of a round."""
+
+    def __init__(self, marker: str, round_idx: int, step: int) -> None:
+        self.marker, self.round_idx, self.step = marker, round_idx, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.round_idx and batch_idx == self.step:
+            Path(self.marker).write_text(str(os.getpid()))
+            time.sleep(600)  # never returns: the test kills the process here

@@ -6,6 +6,7 @@ not grow with the number of clients and a client's data is a slice (no copy).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -331,6 +332,38 @@ SPLITS = ("train", "val", "test")
 _DIRICHLET_TRIES = 100
 
 
+def describe_source(source: DataSource | ClientSource) -> str:
+    """How error messages name a source: its class, and the file it reads when it reads one."""
+    path = getattr(source, "path", None)
+    return type(source).__name__ + (f"(path={path!r})" if path is not None else "")
+
+
+def validate_pool(pool: ArraySplits, num_classes: int | None, origin: str) -> None:
+    """Refuse data that would train silently wrong or fail later with an unrelated error: non-finite features
+    or targets, and integer labels outside ``[0, num_classes)``. Messages name ``origin``, the array, the
+    offending value and its sample index, and what is valid."""
+    for split in ("train", "test"):
+        for kind, tensor in ((f"x_{split}", getattr(pool, f"x_{split}")), (f"y_{split}", getattr(pool, f"y_{split}"))):
+            if tensor.is_floating_point():
+                bad = (~torch.isfinite(tensor)).flatten(1).any(1) if tensor.dim() > 1 else ~torch.isfinite(tensor)
+                if bool(bad.any()):
+                    first = int(bad.nonzero()[0, 0])
+                    raise ValueError(
+                        f"{origin}: {kind} has {int(bad.sum())} sample(s) with non-finite values (NaN or inf), the "
+                        f"first at index {first}; every feature and target must be finite"
+                    )
+            elif kind.startswith("y") and tensor.numel():
+                upper = num_classes if num_classes is not None else None
+                bad = (tensor < 0) if upper is None else (tensor < 0) | (tensor >= upper)
+                if bool(bad.any()):
+                    first = int(bad.nonzero()[0, 0])
+                    valid = "labels >= 0" if upper is None else f"labels in [0, {upper}) (num_classes={upper})"
+                    raise ValueError(
+                        f"{origin}: {kind} has {int(bad.sum())} label(s) outside the valid range, the first "
+                        f"{int(tensor[first])} at index {first}; valid are {valid}"
+                    )
+
+
 class FederatedDataModule(lightning.LightningDataModule):
     """Splits a source among ``num_clients`` clients and serves per-round training and per-client evaluation.
 
@@ -494,6 +527,8 @@ class FederatedDataModule(lightning.LightningDataModule):
             pool = self.source.load()
         # the source may infer these while loading (e.g. NpzArrays)
         self.num_classes, self.mean, self.std = self.source.num_classes, self.source.mean, self.source.std
+        # before any transform: label shift's ``mod`` would turn a label of -3 into a valid-looking one
+        validate_pool(pool, self.num_classes, describe_source(self.source))
         if not isinstance(self.source, ClientSource):
             train_parts, test_parts = self._partition(pool)
         if self.augment != "none" and not pool.is_image:
@@ -691,6 +726,58 @@ class FederatedDataModule(lightning.LightningDataModule):
                 data.x[lo:hi] = rotated
             else:
                 data.y[lo:hi] = label_shift(data.y[lo:hi], c, self.num_classes)
+
+    # ------------------------------------------------------------------ checkpoints
+    def settings(self) -> dict[str, object]:
+        """The options that decide every client's data, by config key (``data.init_args.<key>``)."""
+        return {
+            "source": describe_source(self.source).split("(")[0],
+            "num_clients": self.num_clients,
+            "num_clusters": self.num_clusters,
+            "cluster_transform": self.cluster_transform,
+            "train_fraction": self.train_fraction,
+            "min_train_size": self.min_train_size,
+            "dirichlet_alpha": self.dirichlet_alpha,
+            "val_fraction": self.val_fraction,
+            "batch_size": self.batch_size,
+            "augment": self.augment,
+            "seed": self.seed,
+        }
+
+    def fingerprint(self) -> str:
+        """A digest of every client's training labels and split sizes: equal for the same data and options."""
+        self._require_setup()
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            data = self._splits[split]
+            digest.update(data.offsets.numpy().tobytes())
+            digest.update(data.y.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, object]:
+        """Saved in checkpoints so that a resume can check it gets the same clients' data."""
+        return {"settings": self.settings(), "fingerprint": self.fingerprint() if self.is_built else None}
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        """Refuse, by name, data options or data that differ from the checkpoint's (the run would silently
+        continue on other clients' data)."""
+        saved, ours = state_dict.get("settings", {}), self.settings()
+        differ = [
+            f"data.init_args.{key}={ours.get(key)!r} (checkpoint: {value!r})"
+            for key, value in saved.items()
+            if repr(ours.get(key)) != repr(value)
+        ]
+        saved_print = state_dict.get("fingerprint")
+        if not differ and saved_print is not None and self.is_built and saved_print != self.fingerprint():
+            differ.append(
+                f"the data itself (labels or client sizes; fingerprint {self.fingerprint()}, checkpoint: {saved_print})"
+                f" from {describe_source(self.source)}"
+            )
+        if differ:
+            raise ValueError(
+                f"resuming with data that differ from the checkpoint's: {', '.join(differ)}. Give the checkpoint's "
+                "data and options, or start a new run without --ckpt_path"
+            )
 
     # ------------------------------------------------------------------ Lightning hooks
     def train_dataloader(self) -> RoundLoader:

@@ -15,6 +15,7 @@ batch is served; vectors are float32 ``[N, d]``; labels are int64 ``[N]`` for cl
 from __future__ import annotations
 
 import os
+import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -237,19 +238,39 @@ class NpzArrays(DataSource):
     def load(self) -> ArraySplits:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"NpzArrays: no file at path={self.path!r}")
-        with np.load(self.path, allow_pickle=False) as npz:
+        with open(self.path, "rb") as f:
+            head = f.read(16)
+        if not head.startswith(b"PK"):  # a zip archive (what np.savez writes) starts with "PK"
+            raise ValueError(
+                f"NpzArrays: path={self.path!r} is not an .npz archive (it starts with {head!r}); it must be a "
+                f"NumPy .npz (np.savez) holding {list(_SPLIT_KEYS)}"
+            )
+        try:
+            npz = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(
+                f"NpzArrays: cannot read path={self.path!r} as an .npz archive ({type(err).__name__}: {err}); it "
+                f"must be a NumPy .npz (np.savez) holding {list(_SPLIT_KEYS)}"
+            ) from err
+        with npz:
             missing = [k for k in _SPLIT_KEYS if k not in npz.files]
             if missing:
                 raise KeyError(
                     f"NpzArrays: {self.path!r} lacks key(s) {missing}; it must hold {list(_SPLIT_KEYS)} "
                     f"(found {sorted(npz.files)})"
                 )
-            splits = ArraySplits(
-                _inputs(npz["x_train"], "x_train"),
-                _labels(npz["y_train"], "y_train"),
-                _inputs(npz["x_test"], "x_test"),
-                _labels(npz["y_test"], "y_test"),
-            )
+            try:  # a truncated or corrupt member fails only when it is read
+                arrays = {key: npz[key] for key in _SPLIT_KEYS}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(
+                    f"NpzArrays: path={self.path!r} is truncated or corrupt ({type(err).__name__}: {err})"
+                ) from err
+        splits = ArraySplits(
+            _inputs(arrays["x_train"], "x_train"),
+            _labels(arrays["y_train"], "y_train"),
+            _inputs(arrays["x_test"], "x_test"),
+            _labels(arrays["y_test"], "y_test"),
+        )
         if self.num_classes is None and not splits.y_train.dtype.is_floating_point:
             labels = torch.cat([splits.y_train, splits.y_test])
             self.num_classes = int(labels.max()) + 1 if labels.numel() else None
