@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .layers import FloralLayer, WrapperOptions, adaptable_types, adaptor_kind, build_wrapper
-from .layers.base import PATHS
+from .layers.base import PATHS, MixtureContext
+from .layers.linear import FloralLinear, precondition_rank1_
 from .personalized import ParameterOverhead, PersonalizedModel, Role
 from .router import ClientMixtures
 
@@ -117,6 +118,13 @@ class FloralModel(PersonalizedModel):
         self._floral_layers: list[tuple[str, FloralLayer]] = [
             (n, m) for n, m in self.base.named_modules() if isinstance(m, FloralLayer)
         ]
+        # One context for all wrappers: a forward hands them its mixture with two plain attribute writes.
+        self._context = MixtureContext()
+        for _, layer in self._floral_layers:
+            layer.context = self._context
+        # the preconditioner's grouping (ranks are fixed at construction)
+        self._rank1_linear = [m for _, m in self._floral_layers if isinstance(m, FloralLinear) and m.rank == 1]
+        self._other_layers = [m for _, m in self._floral_layers if m not in self._rank1_linear]
         self._roles = self._assign_roles()
 
     # --- forward -----------------------------------------------------------------------------------------
@@ -139,13 +147,12 @@ class FloralModel(PersonalizedModel):
             mixture = self.router(client_ids)
             if isinstance(client_ids, torch.Tensor) and client_ids.dim() == 1 and not self.training:
                 runs = client_runs(client_ids, mixture)
-        for _, layer in self._floral_layers:
-            layer.mixture, layer.runs = mixture, runs
+        context = self._context
+        context.mixture, context.runs = mixture, runs
         try:
             return self.base(x)
         finally:
-            for _, layer in self._floral_layers:
-                layer.mixture, layer.runs = None, None
+            context.mixture, context.runs = None, None
 
     def set_path(self, path: str) -> None:
         """Force a forward path in every layer: ``auto`` (default), ``merged``, ``factorised`` or ``naive``."""
@@ -204,8 +211,14 @@ class FloralModel(PersonalizedModel):
 
     @torch.no_grad()
     def precondition_gradients_(self, eps: float = 1e-5) -> None:
-        """Precondition the factor gradients of every adapted layer (spec §2)."""
-        for _, layer in self._floral_layers:
+        """Precondition the factor gradients of every adapted layer (spec §2).
+
+        The rank-1 linear layers (every linear layer of the small tasks at rho = 1 %) are done together in
+        closed form (:func:`~floral_lightning.layers.linear.precondition_rank1_`); the others one by one.
+        """
+        if self._rank1_linear:
+            precondition_rank1_(self._rank1_linear, eps)
+        for layer in self._other_layers:
             layer.precondition_gradients_(eps)
 
 

@@ -77,10 +77,15 @@ class ClientMixtures(nn.Module):
     def forward(self, client_ids: int | torch.Tensor) -> torch.Tensor:
         """The mixture weights ``w`` for one client (``[C]``) or a batch of clients (``[B, C]``)."""
         theta = self.logits[client_ids]
+        # Called once per training step: scaling by 1 is skipped (the result is the same bit for bit), since
+        # each op is a fixed cost next to a small model's step.
         if self.training and self.noise != "none" and self.noise_std > 0:
             draw = torch.rand_like if self.noise == "uniform" else torch.randn_like
-            theta = theta + self.noise_std * draw(theta)
-        w = F.softmax(theta / self.temperature, dim=-1)
+            noise = draw(theta)
+            theta = theta + (noise if self.noise_std == 1.0 else self.noise_std * noise)
+        if self.temperature != 1.0:
+            theta = theta / self.temperature
+        w = F.softmax(theta, dim=-1)
         if self.min_prob > 0:
             w = w.clamp_min(self.min_prob)
         if self.top_k is not None and self.top_k < self.num_adaptors:

@@ -42,8 +42,8 @@ class FloralLinear(FloralLayer):
     def _stacked(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c, r, d_in = self.adaptor_A.shape
         a = self.adaptor_A.reshape(c * r, d_in)
-        b = self.adaptor_B if scale is None else self.adaptor_B * scale[:, None, None]
-        return a, b.permute(1, 0, 2).reshape(-1, c * r)
+        b = self.adaptor_B if scale is None else self.adaptor_B * scale.view(c, 1, 1)
+        return a, b.permute(1, 0, 2).reshape(-1, c * r)  # a view at rank 1, a copy of B above
 
     def delta_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``alpha * sum_c w_c B_c A_c`` and ``alpha * sum_c w_c b_c`` for a mixture ``w`` of shape [C]."""
@@ -52,6 +52,20 @@ class FloralLinear(FloralLayer):
         return b @ a, bias
 
     def _base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` with ``W + B diag(alpha w) A`` (one ``addmm``) and ``b + alpha sum_c w_c b_c`` (one ``addmv``).
+
+        The same sums as ``delta_weight`` added to the base, fused: a small model's step is a few dozen
+        tensor ops, each with a fixed cost, so the merged path keeps its op count (and autograd nodes) minimal.
+        """
+        scale = w if self.alpha == 1.0 else self.alpha * w
+        a, b = self._stacked(scale)
+        weight = torch.addmm(self.base.weight, b, a)
+        bias = self.base.bias
+        if self.adaptor_bias is not None:
+            bias = torch.addmv(bias, self.adaptor_bias.t(), scale)
         return F.linear(x, weight, bias)
 
     def forward_factorised(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -72,7 +86,14 @@ class FloralLinear(FloralLayer):
 
     @torch.no_grad()
     def precondition_gradients_(self, eps: float = 1e-5) -> None:
-        """``grad A <- (B^T B + eps I)^-1 grad A`` and ``grad B <- grad B (A A^T + eps I)^-1`` per adaptor."""
+        """``grad A <- (B^T B + eps I)^-1 grad A`` and ``grad B <- grad B (A A^T + eps I)^-1`` per adaptor.
+
+        At rank 1 the Grams are 1 x 1 and the inverse a division (:func:`precondition_rank1_`); above, one
+        batched ``solve`` per factor.
+        """
+        if self.rank == 1:
+            precondition_rank1_([self], eps)
+            return
         a, b = self.adaptor_A, self.adaptor_B
         eye = eps * torch.eye(self.rank, device=a.device, dtype=a.dtype)
         if a.grad is not None:
@@ -83,3 +104,30 @@ class FloralLinear(FloralLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
+
+
+@torch.no_grad()
+def precondition_rank1_(layers: list[FloralLinear], eps: float = 1e-5) -> None:
+    """The preconditioning of ``FloralLinear.precondition_gradients_`` for rank-1 layers, all layers at once.
+
+    At rank 1, ``B_c^T B_c + eps`` is the scalar ``||B_c||^2 + eps`` (and ``A_c A_c^T + eps`` is
+    ``||A_c||^2 + eps``), so each adaptor's factor gradient is divided by the squared norm of its other
+    factor plus eps. The squares and the divisions run as ``torch._foreach_*`` ops over the factors of every
+    layer: a handful of ops per step instead of two solves, two matmuls and an identity per layer.
+    """
+    grads, others = [], []
+    for layer in layers:
+        if layer.rank != 1:
+            raise ValueError(f"precondition_rank1_ got a layer of rank {layer.rank}: only rank-1 layers")
+        a, b = layer.adaptor_A, layer.adaptor_B
+        if a.grad is not None:
+            grads.append(a.grad)
+            others.append(b)
+        if b.grad is not None:
+            grads.append(b.grad)
+            others.append(a)
+    if not grads:
+        return
+    norms = [t.sum((1, 2), keepdim=True) for t in torch._foreach_mul(others, others)]  # [C, 1, 1] each
+    torch._foreach_add_(norms, eps)
+    torch._foreach_div_(grads, norms)
