@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from bench.common import Figure, Section, median, rotated, spread
@@ -32,6 +31,7 @@ from callbacks import FederatedCallback, sample_clients
 from floral_lightning.data import FederatedDataModule, RandomImages
 from floral_lightning.models import CifarCNN
 from floral_lightning.module import ClientOptimizer, FloralModule
+from floral_lightning.seeding import seed_local_training
 
 ROUND_TARGET = 1.15  # trainer round / floor round
 FLORAL_VS_FEDAVG_TARGET = 1.2  # FLoRAL trainer round / FedAvg trainer round
@@ -91,15 +91,27 @@ class FloorLoop:
     """The rounds of ``FederatedCallback`` + ``FloralModule.training_step`` written out in plain PyTorch.
 
     Per sampled client: copy the global tensors into the model, fresh optimizer state, SGD over the client's
-    batches from the ``RoundLoader``; then the streaming average (p(k) for shared tensors, p(k|c) for slice c
-    of adaptor tensors) and plain averaging as the server step. Only float tensors (no integer buffers), as
-    in the models benchmarked here.
+    batches from the ``RoundLoader`` with the module's loss (``compute_loss``, a plain function of outputs
+    and targets) and, when the module preconditions, the preconditioned factor gradients; then the streaming
+    average (p(k) for shared tensors, p(k|c) for slice c of adaptor tensors) and plain averaging as the server
+    step. Only float tensors (no integer buffers), as in the models benchmarked here.
     """
 
-    def __init__(self, module: FloralModule, data: FederatedDataModule, clients_per_round: int | float) -> None:
+    def __init__(
+        self,
+        module: FloralModule,
+        data: FederatedDataModule,
+        clients_per_round: int | float,
+        seed: int = SEED,
+        local_epochs: int = 1,
+    ) -> None:
         self.model = module.model  # a FloralModel (or a SharedModel for FedAvg); no Lightning below this line
         self.floral = module.model.router is not None
+        self.loss = module.compute_loss
+        self.precondition = module.precondition and self.floral
+        self.seed = seed
         self.loader = data.train_dataloader()
+        self.loader.local_epochs = local_epochs
         self.train_sizes = data.train_sizes
         self.num_clients = data.num_clients
         self.clients_per_round = clients_per_round
@@ -122,7 +134,7 @@ class FloorLoop:
 
     def run_round(self, round_idx: int) -> None:
         """One round: every sampled client trains from the global weights, then the weighted average."""
-        clients = sample_clients(self.num_clients, self.clients_per_round, SEED, round_idx)
+        clients = sample_clients(self.num_clients, self.clients_per_round, self.seed, round_idx)
         self.loader.set_round(round_idx, clients)
         sums = [torch.zeros_like(t) for t in self.global_]
         shared_total, adaptor_total = 0.0, None
@@ -134,10 +146,17 @@ class FloorLoop:
                 with torch.no_grad():
                     torch._foreach_copy_(self.live, self.global_)
                 self.optimizer.state.clear()
+                seed_local_training(self.seed, round_idx, k)  # router noise: the round loop's stream
                 active = k
             self.optimizer.zero_grad(set_to_none=True)
-            out = self.model(x, k) if self.floral else self.model(x)
-            F.cross_entropy(out, y).backward()
+            if self.floral:
+                loss = self.loss(self.model(x, k), y)
+                penalty = self.model.router.entropy_loss(k)
+                (loss if penalty is None else loss + penalty).backward()
+                if self.precondition:
+                    self.model.precondition_gradients_()
+            else:
+                self.loss(self.model(x), y).backward()
             self.optimizer.step()
         shared_total, adaptor_total = self._accumulate(sums, active, shared_total, adaptor_total)
         with torch.no_grad():

@@ -11,6 +11,7 @@ Sections (each module's docstring says exactly how it measures):
 - ``layers`` (bench/layers.py): training-step time of the naive, factorised and merged paths / bare base;
 - ``round`` (bench/rounds.py): one round through Trainer + FederatedCallback / a hand-written PyTorch loop;
 - ``fedavg_vs_floral`` (bench/rounds.py): FLoRAL round time / FedAvg round time;
+- ``tasks`` (bench/tasks.py): s/round of every shipped task, FLoRAL and FedAvg, Trainer and hand-written floor;
 - ``evaluation`` (bench/evaluation.py): all clients' test sets with per-sample mixtures / one FedAvg model;
 - ``scaling`` (bench/scaling.py): round time and memory as registered and sampled clients grow;
 - ``startup`` (bench/startup.py): launching ``train.py fit`` to its first training step.
@@ -39,7 +40,7 @@ import torch
 
 from bench.common import ROOT, Section, bench_command, machine_info, quiet_lightning
 
-SECTIONS = ("layers", "round", "fedavg_vs_floral", "evaluation", "scaling", "startup")
+SECTIONS = ("layers", "round", "fedavg_vs_floral", "tasks", "evaluation", "scaling", "startup")
 
 
 def _layers(quick: bool) -> list[Section]:
@@ -52,6 +53,12 @@ def _rounds(quick: bool) -> list[Section]:
     from bench import rounds
 
     return rounds.run(quick)
+
+
+def _tasks(quick: bool) -> list[Section]:
+    from bench import tasks
+
+    return [tasks.run(quick)]
 
 
 def _evaluation(quick: bool) -> list[Section]:
@@ -76,6 +83,7 @@ def _startup(quick: bool) -> list[Section]:
 RUNNERS: list[tuple[tuple[str, ...], Callable[[bool], list[Section]]]] = [
     (("layers",), _layers),
     (("round", "fedavg_vs_floral"), _rounds),
+    (("tasks",), _tasks),
     (("evaluation",), _evaluation),
     (("scaling",), _scaling),
     (("startup",), _startup),

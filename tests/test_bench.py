@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"layers", "round", "fedavg_vs_floral", "evaluation", "scaling", "startup"}
+SECTIONS = {"layers", "round", "fedavg_vs_floral", "tasks", "evaluation", "scaling", "startup"}
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ The mixture ``w`` decides the forward path:
 
 - ``w.shape == (C,)``: one mixture for the whole batch (a client's local training). The **merged** path
   folds ``alpha * sum_c w_c * delta_c`` into the base weight and runs one base-sized op (an embedding may
-  instead look the adaptor rows up when that is cheaper; "merged" means one mixture for the batch).
+  instead look the adaptor rows up when that is cheaper; "merged" means one mixture for the batch). Under
+  "auto", ``forward_one_mixture`` may pick a cheaper exact form for the batch at hand (a linear layer
+  with a large weight and a small batch runs its adaptors beside the base instead of folding them in).
 - ``w.shape == (B, C)``: a mixture per sample (many clients in one batch). The **factorised** path runs all
   adaptors as one rank ``C*r`` factor pair with the mixture scaling the ``C*r`` channels. When the samples
   come in runs of one client (``runs``, handed over by ``FloralModel`` in eval mode for client-sorted
@@ -95,7 +97,7 @@ class FloralLayer(nn.Module):
         path = self.path
         if path == "auto":
             if w.dim() == 1:
-                return self.forward_merged(x, w)
+                return self.forward_one_mixture(x, w)
             if mixture is None and self._merge_runs(x, context.runs):
                 return self.forward_runs(x, *context.runs)
             else:
@@ -124,6 +126,11 @@ class FloralLayer(nn.Module):
         if sum(lengths) != x.shape[0] or len(lengths) != len(mixtures):
             raise ValueError(f"runs of lengths {lengths} with {len(mixtures)} mixtures for a batch of {x.shape[0]}")
         return torch.cat([self.forward_merged(part, w) for part, w in zip(x.split(lengths), mixtures)])
+
+    def forward_one_mixture(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """What "auto" runs for one mixture ``w`` [C] for the whole batch: the merged path, unless a layer type
+        knows a cheaper exact one for this batch (``FloralLinear`` does)."""
+        return self.forward_merged(x, w)
 
     # --- the three paths, implemented per layer type -------------------------------------------------
     def forward_merged(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -116,3 +116,47 @@ def test_mixture_context_is_per_model_and_cleared_after_forward():
         model.base.append(Boom())
         model(torch.randn(2, 6), 0)
     assert all(layer.mixture is None and layer.runs is None for layer in layers)  # reset even after an error
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_low_rank_path_matches_the_definition(rank, alpha):
+    """One mixture for the batch with the adaptors beside the base: output and every gradient (factors, biases,
+    mixture, input) equal the naive per-adaptor definition's."""
+    torch.manual_seed(0)
+    layer = FloralLinear(nn.Linear(7, 5).double(), 3, rank=rank, alpha=alpha)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if not name.startswith("base."):
+                p.normal_()
+    x = torch.randn(2, 4, 7, dtype=torch.float64)
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    results = []
+    for run in (layer.forward_low_rank, lambda x, w: layer.forward_naive(x, w.expand(x.shape[0], -1))):
+        layer.zero_grad()
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = run(xi, wi)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), xi.grad, wi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (out, gx, gw, grads), (ref, ref_gx, ref_gw, ref_grads) = results
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, ref_gx)
+    torch.testing.assert_close(gw, ref_gw)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_auto_runs_adaptors_beside_the_base_only_where_composing_costs_more():
+    """rows * (in + out) < in * out: the adaptors run beside the base (the output is a sum of the base and the
+    adaptor branch); otherwise the merged path (the output is one linear op, with the merged weight)."""
+
+    def top_node(layer: FloralLinear, rows: int) -> str:
+        out = layer(torch.randn(rows, layer.base.in_features), mixture=torch.tensor([0.5, 0.5]))
+        return type(out.grad_fn).__name__
+
+    wide = FloralLinear(nn.Linear(784, 200), 2, rank=1)  # breaks even at 784 * 200 / 984 = 159.3 rows
+    assert top_node(wide, 159) == "AddBackward0" and top_node(wide, 160) == "AddmmBackward0"
+    small = FloralLinear(nn.Linear(10, 20), 2, rank=1)  # breaks even at 6.7 rows
+    assert top_node(small, 6) == "AddBackward0" and top_node(small, 7) == "AddmmBackward0"
+    wide.path = "merged"  # a forced path is obeyed
+    assert top_node(wide, 1) == "AddmmBackward0"

@@ -1,0 +1,311 @@
+"""Seconds per round of every shipped task: FLoRAL and FedAvg through the Trainer, and the hand-written floor.
+
+Each task is built by the command line from its shipped config (``floral_lightning.cli.main(args,
+run=False)``: the same model, data module, round loop, optimizer and seed as ``train.py fit``), FedAvg by the
+override ``--model.init_args.num_adaptors=0``. Data that cannot be downloaded here is replaced: MNIST by the
+offline subset ``../shared/data/mnist_subset.npz``, CIFAR-10/100 by ``RandomImages`` of the same shape and
+classes with ``TaskSpec.images_per_client`` training images per client (fewer than the real data sets, so a
+round has fewer steps; the per-step costs are the same). CIFAR-100 runs as the spec's task, the 5 % variant
+(``conf/reduced.yaml`` overlaid).
+
+- **Trainer** rounds: ``Trainer.fit`` with stamps (``time.perf_counter``) at every ``on_train_epoch_start``
+  and around validation; a round's training time is the time between consecutive epoch starts minus the
+  validation inside it, so everything Lightning does per step and between rounds is included. Logger,
+  checkpoints, progress bar, model summary and sanity check are off. Validation (all clients' test sets)
+  runs once per run and is timed alone; **s/round** is the training round plus the validation divided by
+  the config's ``check_val_every_n_epoch``, i.e. a round at the config's evaluation interval, as the
+  issue's (t(R2) - t(R1)) / (R2 - R1) measures it without the start-up.
+- **Floor** rounds: :class:`bench.rounds.FloorLoop` on the same model, batches, optimizer groups, loss,
+  preconditioning and p(k) / p(k|c) averaging in plain PyTorch (training only). Not for CIFAR-100: its
+  config's server optimizer is Adam, which the floor does not implement.
+
+Runs alternate in blocks (every method x runner pair once per block, order rotated); each run has one
+untimed warm-up round. Values are medians over the timed rounds of all blocks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from bench.common import ROOT, Figure, Section, median, rotated, spread
+from bench.rounds import FloorLoop
+from callbacks import FederatedCallback
+
+MNIST_NPZ = ROOT.parent / "shared" / "data" / "mnist_subset.npz"
+FEDAVG = ["--model.init_args.num_adaptors=0"]
+FLORAL_VS_FEDAVG_TARGET = 1.2  # FLoRAL s/round / FedAvg s/round (issue 13, part 1)
+TRAINER_VS_FLOOR_TARGET = 1.3  # Trainer round / floor round on the small tasks (issue 13, part 2)
+
+#: Reference FLoRAL (the paper's public implementation), s/round on this kind of machine, as given in issue 13
+#: (MNIST rotate with its data cached; CIFAR: the reference's CIFAR subset).
+REFERENCE_FLORAL = {"synthetic_linear": 1.69, "synthetic_mlp": 5.87, "mnist_rotate": 11.5, "cifar10_rotate": 34.0}
+#: This project's own s/round before the per-step work of issue 13 (FLoRAL, FedAvg), as given in the issue
+#: (one torch thread, the other core busy; CIFAR-10 with 254 images per client).
+BEFORE = {
+    "synthetic_linear": (0.100, 0.061),
+    "synthetic_mlp": (1.40, 0.66),
+    "mnist_rotate": (0.51, 0.33),
+    "cifar10_rotate": (7.5, 6.9),
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A shipped task: its config files, data replacement, how many rounds to time, and its targets."""
+
+    configs: tuple[str, ...]
+    rounds: int
+    data: str = "config"  # "config", "mnist" (the offline subset) or "images" (RandomImages)
+    images_per_client: int = 64
+    num_classes: int = 10
+    floor: bool = True
+    trainer_vs_floor_target: float | None = None
+
+
+TASKS: dict[str, TaskSpec] = {
+    "synthetic_linear": TaskSpec(("conf/synthetic_linear.yaml",), 30, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
+    "synthetic_mlp": TaskSpec(("conf/synthetic_mlp.yaml",), 4, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
+    "mnist_rotate": TaskSpec(("conf/mnist.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
+    "mnist_label_shift": TaskSpec(
+        ("conf/mnist_label_shift.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET
+    ),
+    "cifar10_rotate": TaskSpec(("conf/cifar.yaml",), 2, "images"),
+    "cifar10_label_shift": TaskSpec(("conf/cifar_label_shift.yaml",), 2, "images"),
+    "cifar100_reduced": TaskSpec(
+        ("conf/cifar100.yaml", "conf/reduced.yaml"), 2, "images", images_per_client=500, num_classes=100, floor=False
+    ),
+}
+QUICK_TASKS = {"synthetic_linear": 3, "synthetic_mlp": 2}  # task -> timed rounds in --quick
+
+
+@dataclass
+class RunTimes:
+    """Per-round training seconds (wall, CPU) of one run, and its validation seconds."""
+
+    rounds: list[tuple[float, float]] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)
+
+
+class PhaseTimer(Callback):
+    """Stamps every epoch (= round) start and every validation; stops the fit after ``stop_at`` epoch starts.
+
+    The ``stop_at``-th stamp only closes the last timed round: that epoch trains no batch.
+    """
+
+    def __init__(self, stop_at: int) -> None:
+        self.stop_at = stop_at
+        self.starts: list[tuple[float, float]] = []
+        self.validations: dict[int, float] = {}  # epoch -> seconds of its validation
+        self._validation_start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.starts.append((time.perf_counter(), time.process_time()))
+        if len(self.starts) >= self.stop_at:
+            trainer.should_stop = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validations[trainer.current_epoch] = time.perf_counter() - self._validation_start
+
+    def times(self) -> RunTimes:
+        """Training (wall, CPU) seconds of every closed round, validation excluded, and the validations."""
+        out = RunTimes(validation=list(self.validations.values()))
+        for epoch, (a, b) in enumerate(zip(self.starts, self.starts[1:])):
+            val = self.validations.get(epoch, 0.0)
+            out.rounds.append((b[0] - a[0] - val, b[1] - a[1] - val))
+        return out
+
+
+def cli_args(name: str, spec: TaskSpec, extra: list[str], epochs: int, val_every: int, log_dir: str) -> list[str]:
+    """The command-line arguments that build the task (as ``train.py fit`` would, minus logging/checkpoints)."""
+    args = [a for config in spec.configs for a in ("--config", config)]
+    if spec.data == "mnist":
+        args += [
+            "--data.init_args.source=floral_lightning.data.NpzArrays",
+            f"--data.init_args.source.init_args.path={MNIST_NPZ}",
+        ]
+    elif spec.data == "images":
+        clients = {"cifar100_reduced": 100}.get(name, 20)
+        args += [
+            "--data.init_args.source=floral_lightning.data.RandomImages",
+            f"--data.init_args.source.init_args.num_train={clients * spec.images_per_client}",
+            f"--data.init_args.source.init_args.num_test={clients * 16}",
+            f"--data.init_args.source.init_args.num_classes={spec.num_classes}",
+        ]
+    return [
+        *args,
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.check_val_every_n_epoch={val_every}",
+        f"--trainer.default_root_dir={log_dir}",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks=[]",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.num_sanity_val_steps=0",
+        *extra,
+    ]
+
+
+def _build(name: str, spec: TaskSpec, extra: list[str], epochs: int, val_every: int, log_dir: str):
+    from floral_lightning.cli import main
+
+    return main(cli_args(name, spec, extra, epochs, val_every, log_dir), run=False)
+
+
+def config_val_interval(spec: TaskSpec) -> int:
+    """The config's own ``check_val_every_n_epoch`` (the last config that sets it wins)."""
+    import yaml
+
+    interval = 1
+    for config in spec.configs:
+        trainer = (yaml.safe_load((ROOT / config).read_text()) or {}).get("trainer") or {}
+        interval = trainer.get("check_val_every_n_epoch", interval)
+    return int(interval)
+
+
+def trainer_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str):
+    """One timed ``Trainer.fit``: ``warmup`` untimed rounds, ``rounds`` timed ones, one validation at the end."""
+    epochs = warmup + rounds + 1
+    cli = _build(name, spec, extra, epochs, warmup + rounds, log_dir)
+    timer = PhaseTimer(stop_at=epochs)
+    cli.trainer.callbacks.append(timer)
+    torch.manual_seed(1)  # the router's training noise: the same draws as the floor's
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    times = timer.times()
+    times.rounds = times.rounds[warmup : warmup + rounds]
+    return times, cli.model
+
+
+def floor_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str):
+    """The same rounds in the plain-PyTorch floor loop (training only)."""
+    cli = _build(name, spec, extra, warmup + rounds + 1, warmup + rounds, log_dir)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, FederatedCallback))
+    cli.datamodule.setup("fit")
+    loop = FloorLoop(
+        cli.model, cli.datamodule, callback.clients_per_round, seed=callback.seed, local_epochs=callback.local_epochs
+    )
+    times = RunTimes(rounds=loop.timed_rounds(warmup, rounds))
+    return times, cli.model
+
+
+def _max_difference(a: L.LightningModule, b: L.LightningModule) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((float((sa[n].double() - sb[n].double()).abs().max()) for n in sa if sa[n].numel()), default=0.0)
+
+
+def measure(tasks: dict[str, int], blocks: int, warmup: int = 1) -> dict[str, dict]:
+    """Round times of every task's runs (method x runner), interleaved in blocks per task."""
+    methods = {"FLoRAL": [], "FedAvg": FEDAVG}
+    runners: dict[str, Callable] = {"trainer": trainer_run, "floor": floor_run}
+    results = {}
+    with tempfile.TemporaryDirectory() as log_dir:
+        for name, rounds in tasks.items():
+            spec = TASKS[name]
+            runs = [(m, r) for m in methods for r in runners if r == "trainer" or spec.floor]
+            times = {run: RunTimes() for run in runs}
+            finals = {}
+            start = time.perf_counter()
+            for block in range(blocks):
+                for method, runner in rotated(runs, block):
+                    run_dir = tempfile.mkdtemp(dir=log_dir)  # the CLI saves its config there, once per directory
+                    run_times, module = runners[runner](name, spec, methods[method], warmup, rounds, run_dir)
+                    times[(method, runner)].rounds += run_times.rounds
+                    times[(method, runner)].validation += run_times.validation
+                    finals[(method, runner)] = module
+            difference = {
+                m: _max_difference(finals[(m, "trainer")], finals[(m, "floor")]) for m in methods if spec.floor
+            }
+            results[name] = {
+                "times": times,
+                "max_abs_difference": difference,
+                "val_interval": config_val_interval(spec),
+                "seconds": time.perf_counter() - start,
+            }
+    return results
+
+
+def run(quick: bool = False) -> Section:
+    """The ``tasks`` section."""
+    tasks = QUICK_TASKS if quick else {name: spec.rounds for name, spec in TASKS.items()}
+    blocks = 1 if quick else 2
+    results = measure(tasks, blocks)
+    figures = []
+    for name, result in results.items():
+        spec, times, interval = TASKS[name], result["times"], result["val_interval"]
+        train = {run: median([w for w, _ in t.rounds]) for run, t in times.items()}
+        cpu = {run: median([c for _, c in t.rounds]) for run, t in times.items()}
+        val = {m: median(times[(m, "trainer")].validation) for m in ("FLoRAL", "FedAvg")}
+        per_round = {m: train[(m, "trainer")] + val[m] / interval for m in ("FLoRAL", "FedAvg")}
+        before = BEFORE.get(name)
+        figures.append(
+            Figure(
+                f"{name}: FLoRAL s/round / FedAvg s/round",
+                round(per_round["FLoRAL"], 4),
+                "s/round",
+                ratio=round(per_round["FLoRAL"] / per_round["FedAvg"], 3),
+                target=FLORAL_VS_FEDAVG_TARGET,
+                detail={
+                    "fedavg_s_per_round": round(per_round["FedAvg"], 4),
+                    "training_round_s": {m: spread([w for w, _ in times[(m, "trainer")].rounds]) for m in val},
+                    "validation_s": {m: spread(times[(m, "trainer")].validation) for m in val},
+                    "val_interval": interval,
+                    "cpu_ratio_training": round(cpu[("FLoRAL", "trainer")] / cpu[("FedAvg", "trainer")], 3),
+                    "before_issue_13": None
+                    if before is None
+                    else {"floral_s": before[0], "fedavg_s": before[1], "ratio": round(before[0] / before[1], 2)},
+                },
+            )
+        )
+        if spec.floor:
+            for method in ("FLoRAL", "FedAvg"):
+                trainer, floor = (method, "trainer"), (method, "floor")
+                figures.append(
+                    Figure(
+                        f"{name}: {method} Trainer round / floor round",
+                        round(train[trainer], 4),
+                        "s/round",
+                        ratio=round(train[trainer] / train[floor], 3),
+                        target=spec.trainer_vs_floor_target,
+                        detail={
+                            "floor_s": spread([w for w, _ in times[floor].rounds]),
+                            "trainer_s": spread([w for w, _ in times[trainer].rounds]),
+                            "cpu_ratio": round(cpu[trainer] / cpu[floor], 3),
+                            "max_abs_difference_to_trainer": result["max_abs_difference"][method],
+                        },
+                    )
+                )
+        if name in REFERENCE_FLORAL:
+            reference = REFERENCE_FLORAL[name]
+            figures.append(
+                Figure(
+                    f"{name}: FLoRAL s/round / reference FLoRAL s/round (given)",
+                    round(per_round["FLoRAL"], 4),
+                    "s/round",
+                    ratio=round(per_round["FLoRAL"] / reference, 4),
+                    detail={"reference_s_per_round": reference, "source": "issue 13, measured on this kind of machine"},
+                )
+            )
+    params = {
+        "tasks": {
+            name: {
+                "configs": list(TASKS[name].configs),
+                "data": TASKS[name].data,
+                "images_per_client": TASKS[name].images_per_client if TASKS[name].data == "images" else None,
+                "timed_rounds_per_run": rounds,
+            }
+            for name, rounds in tasks.items()
+        },
+        "blocks": blocks,
+        "warmup_rounds_per_run": 1,
+    }
+    return Section("tasks", figures, __doc__.strip(), params)
