@@ -67,19 +67,26 @@ class TaskSpec:
     num_classes: int = 10
     floor: bool = True
     trainer_vs_floor_target: float | None = None
+    blocks: int = 2  # interleaving blocks in the full run (1 in --quick)
 
 
 TASKS: dict[str, TaskSpec] = {
-    "synthetic_linear": TaskSpec(("conf/synthetic_linear.yaml",), 30, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
+    "synthetic_linear": TaskSpec(("conf/synthetic_linear.yaml",), 20, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
     "synthetic_mlp": TaskSpec(("conf/synthetic_mlp.yaml",), 4, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
     "mnist_rotate": TaskSpec(("conf/mnist.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
     "mnist_label_shift": TaskSpec(
         ("conf/mnist_label_shift.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET
     ),
-    "cifar10_rotate": TaskSpec(("conf/cifar.yaml",), 2, "images"),
-    "cifar10_label_shift": TaskSpec(("conf/cifar_label_shift.yaml",), 2, "images"),
+    "cifar10_rotate": TaskSpec(("conf/cifar.yaml",), 2, "images", blocks=1),
+    "cifar10_label_shift": TaskSpec(("conf/cifar_label_shift.yaml",), 2, "images", blocks=1),
     "cifar100_reduced": TaskSpec(
-        ("conf/cifar100.yaml", "conf/reduced.yaml"), 2, "images", images_per_client=500, num_classes=100, floor=False
+        ("conf/cifar100.yaml", "conf/reduced.yaml"),
+        2,
+        "images",
+        images_per_client=500,
+        num_classes=100,
+        floor=False,
+        blocks=1,
     ),
 }
 QUICK_TASKS = {"synthetic_linear": 3, "synthetic_mlp": 2}  # task -> timed rounds in --quick
@@ -203,8 +210,9 @@ def _max_difference(a: L.LightningModule, b: L.LightningModule) -> float:
     return max((float((sa[n].double() - sb[n].double()).abs().max()) for n in sa if sa[n].numel()), default=0.0)
 
 
-def measure(tasks: dict[str, int], blocks: int, warmup: int = 1) -> dict[str, dict]:
-    """Round times of every task's runs (method x runner), interleaved in blocks per task."""
+def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[str, dict]:
+    """Round times of every task's runs (method x runner), interleaved in blocks per task (``blocks``, or each
+    task's own ``TaskSpec.blocks`` when ``None``)."""
     methods = {"FLoRAL": [], "FedAvg": FEDAVG}
     runners: dict[str, Callable] = {"trainer": trainer_run, "floor": floor_run}
     results = {}
@@ -215,7 +223,7 @@ def measure(tasks: dict[str, int], blocks: int, warmup: int = 1) -> dict[str, di
             times = {run: RunTimes() for run in runs}
             finals = {}
             start = time.perf_counter()
-            for block in range(blocks):
+            for block in range(spec.blocks if blocks is None else blocks):
                 for method, runner in rotated(runs, block):
                     run_dir = tempfile.mkdtemp(dir=log_dir)  # the CLI saves its config there, once per directory
                     run_times, module = runners[runner](name, spec, methods[method], warmup, rounds, run_dir)
@@ -234,11 +242,12 @@ def measure(tasks: dict[str, int], blocks: int, warmup: int = 1) -> dict[str, di
     return results
 
 
-def run(quick: bool = False) -> Section:
-    """The ``tasks`` section."""
+def run(quick: bool = False, only: list[str] | None = None) -> Section:
+    """The ``tasks`` section (``only``: a subset of the tasks)."""
     tasks = QUICK_TASKS if quick else {name: spec.rounds for name, spec in TASKS.items()}
-    blocks = 1 if quick else 2
-    results = measure(tasks, blocks)
+    if only:
+        tasks = {name: rounds for name, rounds in tasks.items() if name in only}
+    results = measure(tasks, 1 if quick else None)
     figures = []
     for name, result in results.items():
         spec, times, interval = TASKS[name], result["times"], result["val_interval"]
@@ -305,7 +314,50 @@ def run(quick: bool = False) -> Section:
             }
             for name, rounds in tasks.items()
         },
-        "blocks": blocks,
+        "blocks": {name: 1 if quick else TASKS[name].blocks for name in tasks},
         "warmup_rounds_per_run": 1,
     }
     return Section("tasks", figures, __doc__.strip(), params)
+
+
+def summary_table(section: Section) -> str:
+    """The per-task table: FLoRAL and FedAvg s/round, their ratio, and Trainer / floor for each method."""
+    figures = {f.name: f for f in section.figures}
+    lines = [
+        "| task | FLoRAL s/round | FedAvg s/round | FLoRAL / FedAvg (CPU time) | Trainer / floor, FLoRAL | "
+        "Trainer / floor, FedAvg |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in section.params["tasks"]:
+        versus = figures[f"{name}: FLoRAL s/round / FedAvg s/round"]
+        floors = [figures.get(f"{name}: {m} Trainer round / floor round") for m in ("FLoRAL", "FedAvg")]
+        cells = ["-" if f is None else f"{f.ratio:.2f}x" for f in floors]
+        lines.append(
+            f"| {name} | {versus.value:.3f} | {versus.detail['fedavg_s_per_round']:.3f} | {versus.ratio:.2f}x "
+            f"({versus.detail['cpu_ratio_training']:.2f}x) | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from bench.common import quiet_lightning
+
+    parser = argparse.ArgumentParser(description="The tasks section alone (python -m bench --only tasks runs it too).")
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), help="a subset of the tasks (default: all)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="write the section as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    quiet_lightning()
+    section = run(args.quick, args.tasks)
+    print(summary_table(section))
+    if args.out:
+        Path(args.out).write_text(json.dumps(section.as_dict(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
