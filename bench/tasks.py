@@ -186,7 +186,6 @@ def trainer_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds
     cli = _build(name, spec, extra, epochs, warmup + rounds, log_dir)
     timer = PhaseTimer(stop_at=epochs)
     cli.trainer.callbacks.append(timer)
-    torch.manual_seed(1)  # the router's training noise: the same draws as the floor's
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     times = timer.times()
     times.rounds = times.rounds[warmup : warmup + rounds]
