@@ -71,3 +71,15 @@ def test_layers_script_prints_and_writes_json(tmp_path):
     figures = json.loads(out.read_text())["layers"]["figures"]
     assert [f["name"].split(": ")[1] for f in figures] == ["base model", "naive path", "factorised path", "merged path"]
     assert all(f["ratio"] > 0 for f in figures) and figures[0]["ratio"] == 1.0
+
+
+def test_step_ab_measures_two_package_versions_and_names_a_bad_directory(tmp_path, capsys):
+    import floral_lightning
+    from bench import step_ab
+
+    result = step_ab.measure(floral_lightning, rotations=1, steps=1)  # the package against itself, tiny
+    assert set(result) == set(step_ab.CASES)
+    assert all(t[v] > 0 for t in result.values() for v in ("base", "old", "new"))
+    with pytest.raises(SystemExit):
+        step_ab.main(["--old", str(tmp_path)])
+    assert f"{tmp_path}/floral_old/__init__.py" in capsys.readouterr().err
