@@ -9,21 +9,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks import FederatedCallback
+from callbacks import FederatedCallback, FederatedProgressBar, RunReport
+from callbacks.run_report import flatten_options
 
 from .data import FederatedDataModule
 from .module import FloralModule
+
+#: the config sections a run's HPARAMS show (with ``trainer.max_epochs``, the number of rounds)
+HPARAM_SECTIONS = ("model", "data", "federated", "seed_everything")
+
+
+def run_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The options that tell a grid's runs apart, flat for HPARAMS: ``model.rank``, ``model.router.temperature``,
+    ``data.num_clients``, ``federated.clients_per_round``, ... A ``class_path`` becomes its class name under
+    ``class`` (``model.class: FloralModule``, ``data.source.class: NpzArrays``) and ``init_args`` drops out."""
+
+    def unwrap(value: Any) -> Any:
+        if isinstance(value, dict) and "class_path" in value:
+            return {"class": value["class_path"].rsplit(".", 1)[-1], **unwrap(value.get("init_args") or {})}
+        if isinstance(value, dict):
+            return {key: unwrap(item) for key, item in value.items()}
+        return value
+
+    sections = {key: unwrap(config[key]) for key in HPARAM_SECTIONS if key in config}
+    sections["trainer.max_epochs"] = (config.get("trainer") or {}).get("max_epochs")
+    return flatten_options(sections)
 
 
 class FloralCLI(LightningCLI):
     """LightningCLI whose model and data are ``FloralModule`` and ``FederatedDataModule`` (or subclasses).
 
     The round loop is always on: its options are the top-level ``federated`` section
-    (``--federated.clients_per_round=0.1``). ``model.init_args.num_clients`` is linked to
-    ``data.init_args.num_clients``; configs are parsed with omegaconf so ``${...}`` interpolation works;
-    unknown keys are errors.
+    (``--federated.clients_per_round=0.1``); so is the run report (``callbacks.RunReport``, options under
+    ``report``), and the progress bar shows the client id as an int (``callbacks.FederatedProgressBar``).
+    ``model.init_args.num_clients`` is linked to ``data.init_args.num_clients``; configs are parsed with
+    omegaconf so ``${...}`` interpolation works; unknown keys are errors.
 
     ``--lr_scheduler`` becomes the model's ``lr_scheduler`` option (a schedule over rounds that scales each
     parameter group's own rate). ``--optimizer`` is refused: Lightning would replace the module's optimizer
@@ -38,6 +61,7 @@ class FloralCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FederatedCallback, "federated")
+        parser.add_lightning_class_args(RunReport, "report")
         parser.link_arguments("data.init_args.num_clients", "model.init_args.num_clients")
 
     def before_instantiate_classes(self) -> None:
@@ -71,6 +95,22 @@ class FloralCLI(LightningCLI):
             if self.config[subcommand].get("ckpt_path") is not None:
                 # a resumed run without a logger writes its config.yaml where the crashed run wrote its own
                 self.save_config_kwargs["overwrite"] = True
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        # Lightning adds its own bar unless one is given; give ours, unless the bar is off or the user chose one
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, FederatedProgressBar()]
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunReport):
+                callback.hyperparameters = run_options(config.as_dict())
+        return trainer
 
 
 def resolve_resume(config: Any, subcommand: str) -> Any:

@@ -113,17 +113,15 @@ RUN_LOG = "lightning_logs/version_*/events.out.tfevents.*"  # a cell's TensorBoa
 
 
 def read_history(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every ``val/*`` scalar of a run as (round, value) pairs, from its TensorBoard events."""
+    """Every ``val/*`` scalar of a run as (round, value) pairs, from its TensorBoard events (``RunReport`` logs
+    every value with the round as its step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = sorted(log_dir.glob(RUN_LOG))[-1:]
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
-    step_to_round = {e.step: int(e.value) + 1 for e in acc.Scalars("epoch")}
     return {
-        tag: [(step_to_round.get(e.step, 0), e.value) for e in acc.Scalars(tag)]
-        for tag in acc.Tags()["scalars"]
-        if tag.startswith("val/")
+        tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith("val/")
     }
 
 

@@ -315,7 +315,8 @@ class FedProxModule(FloralModule):
         if self.mu > 0:
             prox = self.proximal_term()
             if prox is not None:
-                self.log("train/proximal", prox.detach(), batch_size=len(batch[0]))
+                # the round's mean: one point per round, the round as its step (RunReport)
+                self.log("train/proximal", prox.detach(), batch_size=len(batch[0]), on_epoch=True, on_step=False)
                 loss = loss + 0.5 * self.mu * prox
         return loss
 
@@ -387,7 +388,8 @@ class DittoModule(FloralModule):
         loss = super().training_step(batch, batch_idx)
         x, y, _ = batch
         personal_loss = self.compute_loss(self.personal(x), y)
-        self.log("train/personal_loss", personal_loss, batch_size=len(x))
+        # the round's mean: one point per round, the round as its step (RunReport)
+        self.log("train/personal_loss", personal_loss, batch_size=len(x), on_epoch=True, on_step=False)
         if self.lam > 0 and self._anchor:
             personal_loss = personal_loss + 0.5 * self.lam * sum((v - w).pow(2).sum() for v, w in self._anchor)
         return loss + personal_loss

@@ -1,4 +1,5 @@
-"""Personalised evaluation: per-client means, their summaries, routing purity and the mixture heatmap."""
+"""Personalised evaluation: per-client means, their summaries and routing purity (the mixtures figure is in
+``floral_lightning.figures``)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def summarize_clients(
     higher_is_better: bool,
     clusters: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Sample-weighted mean (the paper's number), unweighted mean, worst client and per-cluster means."""
+    """Sample-weighted mean (the paper's number), unweighted mean, worst client, the spread across clients
+    (``std``: the population standard deviation of the per-client means) and per-cluster means."""
     seen = counts > 0
     if not seen.any():
         return {}
@@ -46,6 +48,7 @@ def summarize_clients(
         "mean": float((m * n).sum() / n.sum()),
         "unweighted": float(m.mean()),
         "worst": float(m.min() if higher_is_better else m.max()),
+        "std": float(m.std(unbiased=False)),
     }
     if clusters is not None:
         c = clusters.to(means.device)[seen]
@@ -76,26 +79,3 @@ def adjusted_rand_index(labels_true: torch.Tensor, labels_pred: torch.Tensor) ->
     if maximum == expected:  # both clusterings trivial (one cluster, or all singletons)
         return 1.0
     return float((index - expected) / (maximum - expected))
-
-
-# A few anchors of matplotlib's viridis, so the heatmap needs no plotting library.
-_VIRIDIS = torch.tensor(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=torch.float32
-)
-
-
-def mixture_heatmap(mixtures: torch.Tensor, cell_width: int = 16, max_height: int = 512) -> torch.Tensor:
-    """Render a clients x adaptors matrix in [0, 1] as a uint8 RGB image ``[3, H, W]`` (viridis colours).
-
-    More clients than ``max_height`` are shown as ``max_height`` evenly spaced rows, so the image stays small.
-    """
-    if mixtures.shape[0] > max_height:
-        mixtures = mixtures[torch.linspace(0, mixtures.shape[0] - 1, max_height).round().long()]
-    k, c = mixtures.shape
-    row_height = max(1, min(16, max_height // max(k, 1)))
-    x = mixtures.detach().float().cpu().clamp(0, 1) * (len(_VIRIDIS) - 1)
-    lo = x.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    frac = (x - lo).unsqueeze(-1)
-    rgb = _VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac  # [K, C, 3]
-    rgb = rgb.repeat_interleave(row_height, 0).repeat_interleave(cell_width, 1)
-    return rgb.permute(2, 0, 1).round().to(torch.uint8)

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from .metrics import PerClientMean, adjusted_rand_index, mixture_heatmap, summarize_clients
+from .metrics import PerClientMean, adjusted_rand_index, summarize_clients
 from .model import FloralModel
 from .personalized import PersonalizedModel, SharedModel
 from .pretrained import build_module, save_pretrained
@@ -73,6 +73,26 @@ class ClientOptimizer:
     router_lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of every client: what ``FloralModule`` hands to ``callbacks.RunReport`` to log.
+
+    ``scalars`` holds every summary value by its logged name (``val/acc``, ``val/acc_worst``,
+    ``val/acc_cluster0``, ``val/routing_ari``, ...); ``per_client`` each metric's per-client means [K] (NaN for a
+    client without samples). ``headline`` names the first metric of ``compute_metrics`` (``val/acc``, or
+    ``val/mse`` for regression): the run's number for ``hp_metric``, the best round and the console line.
+    """
+
+    split: str
+    scalars: dict[str, float]
+    per_client: dict[str, torch.Tensor]
+    counts: torch.Tensor
+    headline: str
+    higher_is_better: bool
+    mixtures: torch.Tensor | None
+    clusters: torch.Tensor | None
 
 
 # The option dataclasses are saved in checkpoints' hyperparameters; they are plain data, so let
@@ -246,6 +266,8 @@ class FloralModule(L.LightningModule):
                 **vars(self.targets),
             )
         self._metrics: dict[str, nn.ModuleDict] = {}
+        #: the latest evaluation, for ``callbacks.RunReport`` (``None`` until one has run)
+        self.last_evaluation: Evaluation | None = None
 
     def _save_hyperparameters_with_base_spec(self) -> None:
         """Save every ``__init__`` argument as a hyperparameter, ``base`` as its spec.
@@ -256,9 +278,13 @@ class FloralModule(L.LightningModule):
         """
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Attribute 'base' is an instance of `nn.Module`")
-            self.save_hyperparameters(ignore=list(self.hparams_not_saved), frame=inspect.currentframe().f_back)
+            # logger=False: ``callbacks.RunReport`` logs them with the federated and data options and the
+            # metrics (Lightning's own call would add a placeholder hp_metric of -1)
+            self.save_hyperparameters(
+                ignore=list(self.hparams_not_saved), frame=inspect.currentframe().f_back, logger=False
+            )
         if isinstance(self.hparams.get("base"), nn.Module):
-            self.save_hyperparameters({**self.hparams, "base": None})  # a dict replaces the saved set
+            self.save_hyperparameters({**self.hparams, "base": None}, logger=False)  # a dict replaces the set
 
     @property
     def base_spec(self) -> dict | None:
@@ -292,7 +318,7 @@ class FloralModule(L.LightningModule):
         # the reloaded module's own checkpoints and folders rebuild it too
         spec = hparams.get("base")
         if module.base_spec is None and isinstance(spec, Mapping) and "base" not in kwargs:
-            module.save_hyperparameters({**module.hparams, "base": dict(spec)})
+            module.save_hyperparameters({**module.hparams, "base": dict(spec)}, logger=False)
         return module
 
     @staticmethod
@@ -486,6 +512,7 @@ class FloralModule(L.LightningModule):
         there is a progress bar, once per client.
         """
         if client_id != self._loss_client and self.trainer.progress_bar_callback is not None:
+            # a float here (self.log stores floats); ``callbacks.FederatedProgressBar`` shows it as an int
             self.log("client", float(client_id), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self._loss_client = client_id
         self._loss_sum = self._loss_sum.to(loss.device) + loss * batch_size
@@ -535,33 +562,41 @@ class FloralModule(L.LightningModule):
         return self._metrics[split]
 
     def _log_evaluation(self, split: str) -> None:
+        """Summarise the clients' values, log the summary (loggers, progress bar, checkpoint monitors, what
+        ``trainer.validate``/``test`` return) and keep the whole evaluation in ``last_evaluation`` for
+        ``callbacks.RunReport`` (per-client values, mixtures figure)."""
         metrics = self._metrics.pop(split, None)
         if metrics is None or self.trainer.sanity_checking:  # Lightning drops sanity-check logs; so do we
             return
         clusters = getattr(getattr(self.trainer, "datamodule", None), "clusters", None)
+        scalars: dict[str, float] = {}
+        per_client: dict[str, torch.Tensor] = {}
         for name, metric in metrics.items():
             means, counts = metric.compute()
+            per_client[name] = means.cpu()
             summary = summarize_clients(
                 means, counts, higher_is_better=name in self.higher_is_better, clusters=clusters
             )
             for key, value in summary.items():
-                label = f"{split}/{name}" if key == "mean" else f"{split}/{name}_{key}"
-                self.log(label, value, prog_bar=key == "mean", sync_dist=False)
+                scalars[f"{split}/{name}" if key == "mean" else f"{split}/{name}_{key}"] = value
         mixtures = self.client_mixtures()
-        if mixtures is None:
-            return
-        entropy = -(mixtures * mixtures.clamp_min(1e-12).log()).sum(-1).mean()
-        self.log(f"{split}/router_entropy", entropy)
-        if clusters is not None:
-            self.log(f"{split}/routing_ari", adjusted_rand_index(clusters.cpu(), mixtures.argmax(-1).cpu()))
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image(f"{split}/mixtures", mixture_heatmap(mixtures), global_step=self.current_epoch)
-
-    def on_fit_start(self) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if self.model.router is not None and hasattr(experiment, "add_text"):
-            experiment.add_text("model/overhead", self.model.overhead().as_markdown(), global_step=0)
+        if mixtures is not None:
+            scalars[f"{split}/router_entropy"] = float(-(mixtures * mixtures.clamp_min(1e-12).log()).sum(-1).mean())
+            if clusters is not None:
+                scalars[f"{split}/routing_ari"] = adjusted_rand_index(clusters.cpu(), mixtures.argmax(-1).cpu())
+        headline = next(iter(metrics))
+        for label, value in scalars.items():
+            self.log(label, value, prog_bar=label == f"{split}/{headline}", sync_dist=False)
+        self.last_evaluation = Evaluation(
+            split=split,
+            scalars=scalars,
+            per_client=per_client,
+            counts=counts.cpu(),
+            headline=f"{split}/{headline}",
+            higher_is_better=headline in self.higher_is_better,
+            mixtures=None if mixtures is None else mixtures.cpu(),
+            clusters=None if clusters is None else clusters.cpu(),
+        )
 
 
 class RegressionModule(FloralModule):

@@ -1,10 +1,10 @@
-"""Evaluation summaries, adjusted Rand index, the per-client metric and the heatmap."""
+"""Evaluation summaries, adjusted Rand index and the per-client metric."""
 
 from __future__ import annotations
 
 import torch
 
-from floral_lightning.metrics import PerClientMean, adjusted_rand_index, mixture_heatmap, summarize_clients
+from floral_lightning.metrics import PerClientMean, adjusted_rand_index, summarize_clients
 
 
 def test_adjusted_rand_index_known_values():
@@ -30,12 +30,6 @@ def test_per_client_mean_and_summary():
     assert abs(summary["unweighted"] - (1 / 3 + 1) / 2) < 1e-9
     assert abs(summary["worst"] - 1 / 3) < 1e-9
     assert summary["cluster0"] == 1 / 3 and summary["cluster1"] == 1.0
+    # spread: population std of the seen clients' means 1/3 and 1 is half their distance
+    assert abs(summary["std"] - (1 - 1 / 3) / 2) < 1e-9
     assert summarize_clients(means, counts, higher_is_better=False)["worst"] == 1.0
-
-
-def test_heatmap_shape_colours_and_row_cap():
-    image = mixture_heatmap(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), cell_width=4)
-    assert image.dtype == torch.uint8 and image.shape[0] == 3 and image.shape[2] == 8
-    assert image[:, 0, 0].tolist() == [253, 231, 37] and image[:, 0, 4].tolist() == [68, 1, 84]
-    big = mixture_heatmap(torch.rand(10_000, 4), max_height=256)
-    assert big.shape[1] == 256
