@@ -263,9 +263,10 @@ class RunReport(Callback):
                 writer.file_writer.add_summary(summary, round_idx)
             write_bytes_atomic(yaml.safe_dump(params).encode(), Path(logger.log_dir) / "hparams.yaml")
         for name, means in evaluation.per_client.items():
-            seen = means[evaluation.counts > 0]
+            seen = means[(evaluation.counts > 0) & torch.isfinite(means)]  # a diverged client's inf/NaN is left out
             if len(seen):
-                writer.add_histogram(f"{evaluation.split}/{name}_clients", seen, global_step=round_idx)
+                # numpy's bins: TensorBoard's default ones stop at 1e20, and a diverging client's loss goes past it
+                writer.add_histogram(f"{evaluation.split}/{name}_clients", seen, global_step=round_idx, bins="auto")
         if pixels is not None:
             writer.add_image(f"{evaluation.split}/mixtures", pixels, global_step=round_idx, dataformats="HWC")
 
