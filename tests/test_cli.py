@@ -18,7 +18,6 @@ from floral_lightning.module import RegressionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-MNIST_NPZ = ROOT.parent / "shared" / "data" / "mnist_subset.npz"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 pytestmark = pytest.mark.slow
@@ -145,14 +144,13 @@ def test_unknown_key_is_rejected_by_name(tmp_path, capsys):
     assert "rnak" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not MNIST_NPZ.exists(), reason="the offline MNIST subset is not beside the checkout")
-def test_mnist_config_on_the_offline_subset(tmp_path):
+def test_mnist_config_on_the_offline_subset(tmp_path, mnist_npz):
     cli = run(
         "fit",
         "--config",
         str(CONF / "mnist_label_shift.yaml"),
         "--data.init_args.source=floral_lightning.data.NpzArrays",
-        f"--data.init_args.source.init_args.path={MNIST_NPZ}",
+        f"--data.init_args.source.init_args.path={mnist_npz}",
         "--trainer.max_epochs=2",
         "--trainer.check_val_every_n_epoch=2",
         f"--trainer.default_root_dir={tmp_path}",
@@ -161,8 +159,7 @@ def test_mnist_config_on_the_offline_subset(tmp_path):
     assert 0.0 < float(cli.trainer.callback_metrics["val/acc"]) <= 1.0
 
 
-@pytest.mark.skipif(not MNIST_NPZ.exists(), reason="the offline MNIST subset is not beside the checkout")
-def test_floral_beats_fedavg_on_mnist_label_shift_and_recovers_the_clusters(tmp_path):
+def test_floral_beats_fedavg_on_mnist_label_shift_and_recovers_the_clusters(tmp_path, mnist_npz):
     """mnist_label_shift.yaml shortened (8 clients, all every round, 5 % of the data, 150 rounds, about
     25 s for both runs): FedAvg cannot fit four conflicting labelings, FLoRAL routes the clusters apart."""
     shortened = [
@@ -170,7 +167,7 @@ def test_floral_beats_fedavg_on_mnist_label_shift_and_recovers_the_clusters(tmp_
         "--config",
         str(CONF / "mnist_label_shift.yaml"),
         "--data.init_args.source=floral_lightning.data.NpzArrays",
-        f"--data.init_args.source.init_args.path={MNIST_NPZ}",
+        f"--data.init_args.source.init_args.path={mnist_npz}",
         "--data.init_args.num_clients=8",
         "--data.init_args.train_fraction=0.05",
         "--federated.clients_per_round=1.0",

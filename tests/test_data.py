@@ -34,7 +34,6 @@ from floral_lightning.data import (
 )
 from floral_lightning.models import MLP, VGG8, CifarCNN
 
-MNIST_SUBSET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist_subset.npz"
 TEST_ID_OFFSET = 100_000
 
 
@@ -179,9 +178,8 @@ def test_npz_arrays_layouts_and_inference(tmp_path) -> None:
         NpzArrays(str(tmp_path / "nope.npz")).load()
 
 
-@pytest.mark.skipif(not MNIST_SUBSET.is_file(), reason="offline MNIST subset not present")
-def test_mnist_subset_smoke() -> None:
-    src = NpzArrays(str(MNIST_SUBSET))
+def test_mnist_subset_smoke(mnist_npz: Path) -> None:
+    src = NpzArrays(str(mnist_npz))
     d = src.load()
     assert d.x_train.shape == (17435, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
     assert src.num_classes == 10 and src.mean[0] == pytest.approx(0.1307, abs=0.01)
