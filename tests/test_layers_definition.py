@@ -95,9 +95,12 @@ def test_linear_rank_follows_the_budget_rule():
     # r = floor(rho * d_in * d_out / (d_in + d_out)): 0.1 * 784 * 200 / 984 = 15.93 -> 15
     assert FloralLinear(nn.Linear(784, 200), 2, rank=0.1).rank == 15
     assert FloralLinear(nn.Linear(10, 3), 2, rank=0.01).rank == 1  # min_rank
-    assert FloralLinear(nn.Linear(64, 16), 2, rank="sqrt").rank == 4
-    assert FloralLinear(nn.Linear(64, 16), 2, rank="log").rank == 4  # floor(log2(17))
-    assert FloralLinear(nn.Linear(64, 16), 2, rank="full").rank == 16
+    assert FloralLinear(nn.Linear(10, 3), 2, rank=0.01, min_rank=2).rank == 2
+    assert FloralLinear(nn.Linear(64, 20), 2, rank="sqrt").rank == 4  # floor(sqrt(20)) = floor(4.47)
+    assert FloralLinear(nn.Linear(64, 20), 2, rank="log").rank == 4  # floor(log2(21)) = floor(4.39)
+    assert FloralLinear(nn.Linear(64, 20), 2, rank="full").rank == 20
+    with pytest.warns(UserWarning, match="rank 21 for linear exceeds its max rank 20; clipped to 20"):
+        assert FloralLinear(nn.Linear(64, 20), 2, rank=21).rank == 20
 
 
 # --- conv ---------------------------------------------------------------------------------------------------

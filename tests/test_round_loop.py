@@ -158,9 +158,8 @@ CASES = {
     ),
     "adam clients, FedAdam server": (
         ClientOptimizer(name="adam", lr=0.01, router_lr=0.05),
-        {"server_optimizer": "adam", "server_lr": 0.05, "server_adaptor_lr": 0.02, "server_betas": (0.8, 0.95),
-         "server_eps": 1e-3},  # fmt: skip
-        HandServer("adam", 0.05, 0.02, betas=(0.8, 0.95), eps=1e-3),
+        {"server_optimizer": "adam", "server_lr": 0.05, "server_betas": (0.8, 0.95), "server_eps": 1e-3},
+        HandServer("adam", 0.05, 0.05, betas=(0.8, 0.95), eps=1e-3),  # the adaptor lr defaults to the base's
     ),
 }
 
@@ -176,6 +175,12 @@ def test_round_loop_equals_a_hand_written_federated_loop(case):
     assert got.keys() == expected.keys()
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_sampled_count_rounds_a_fraction_to_the_nearest_client():
+    assert len(sample_clients(10, 0.37, 0, 0)) == 4  # 3.7 clients -> 4, not 3
+    assert len(sample_clients(10, 0.32, 0, 0)) == 3
+    assert len(sample_clients(10, 0.01, 0, 0)) == 1  # at least one
 
 
 def test_the_sampled_clients_really_differ_in_size_and_mixture():
