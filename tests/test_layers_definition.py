@@ -146,7 +146,12 @@ CONV_CASES = {
     "2d-balanced-fewer-in": (lambda: nn.Conv2d(4, 6, 3, padding=1), "balanced", [0, 1], (2, 4, 7, 7)),
     "2d-balanced-fewer-out": (lambda: nn.Conv2d(6, 4, 3, padding=1), "balanced", [], (2, 6, 7, 7)),
     "2d-grouped": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), "balanced_2d", [1], (2, 4, 6, 6)),
-    "2d-circular": (lambda: nn.Conv2d(3, 5, (3, 3), padding=1, padding_mode="circular"), "balanced_2d", [1], (2, 3, 6, 7)),
+    "2d-circular": (
+        lambda: nn.Conv2d(3, 5, (3, 3), padding=1, padding_mode="circular"),
+        "balanced_2d",
+        [1],
+        (2, 3, 6, 7),
+    ),
     "1d-balanced_2d-falls-back": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), "balanced_2d", [0], (3, 4, 13)),
     "3d-out": (lambda: nn.Conv3d(2, 3, (3, 1, 2), padding=(1, 0, 1)), "out", [], (2, 2, 4, 5, 5)),
 }

@@ -79,7 +79,14 @@ class HandServer:
     """The server update on the pseudo-gradient g = x_prev - x_avg, written out per tensor."""
 
     def __init__(self, kind: str, lr: float, adaptor_lr: float, momentum=0.0, betas=(0.9, 0.99), eps=1e-8):
-        self.kind, self.lr, self.adaptor_lr, self.momentum, self.betas, self.eps = kind, lr, adaptor_lr, momentum, betas, eps
+        self.kind, self.lr, self.adaptor_lr, self.momentum, self.betas, self.eps = (
+            kind,
+            lr,
+            adaptor_lr,
+            momentum,
+            betas,
+            eps,
+        )
         self.state: dict[str, dict] = {}
 
     def step(self, name: str, role: str, x: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:

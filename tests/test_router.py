@@ -1,7 +1,7 @@
 """The router (``ClientMixtures``) against spec §1, computed by hand:
 
-    pi_k = softmax((theta_k + noise) / T)     noise only in training: noise_std * U[0, 1) or noise_std * N(0, 1)
-    w_k  = max(pi_k, min_prob)                not renormalised; then only the top_k largest kept
+pi_k = softmax((theta_k + noise) / T)     noise only in training: noise_std * U[0, 1) or noise_std * N(0, 1)
+w_k  = max(pi_k, min_prob)                not renormalised; then only the top_k largest kept
 """
 
 from __future__ import annotations
