@@ -34,6 +34,19 @@ def events(log_dir: Path) -> EventAccumulator:
     return acc
 
 
+def assert_mean_is_the_sample_weighted_mean_of_the_clusters(cli, metric: str = "val/acc") -> None:
+    """The logged mean equals sum_c n_c * mean_c / sum_c n_c over the logged per-cluster means, n_c the
+    cluster's evaluation samples, and lies between the worst client and the best cluster."""
+    data, logged = cli.datamodule, cli.trainer.callback_metrics
+    sizes, clusters = data.sizes("val").double(), data.clusters
+    weighted, total = 0.0, 0.0
+    for c in clusters.unique().tolist():
+        n_c = float(sizes[clusters == c].sum())
+        weighted, total = weighted + n_c * float(logged[f"{metric}_cluster{c}"]), total + n_c
+    assert float(logged[metric]) == pytest.approx(weighted / total, rel=1e-5)
+    assert float(logged[f"{metric}_worst"]) <= float(logged[metric])
+
+
 def test_fit_then_test_from_checkpoint(tmp_path):
     config = str(CONF / "synthetic_linear.yaml")
     cli = run(
@@ -94,7 +107,8 @@ def test_cifar_config_runs_on_generated_images(tmp_path):
     )
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.current_epoch == 2
-    assert 0.0 <= float(metrics["val/acc"]) <= 1.0 and "val/acc_cluster3" in metrics
+    assert "val/acc_cluster3" in metrics
+    assert_mean_is_the_sample_weighted_mean_of_the_clusters(cli)
     assert len(list((Path(cli.trainer.log_dir) / "checkpoints").glob("*.mixtures.json"))) >= 1
 
 
@@ -156,7 +170,9 @@ def test_mnist_config_on_the_offline_subset(tmp_path, mnist_npz):
         f"--trainer.default_root_dir={tmp_path}",
         *QUIET,
     )
-    assert 0.0 < float(cli.trainer.callback_metrics["val/acc"]) <= 1.0
+    # ten classes and four labelings: 0.16 after two rounds when written; chance is 0.10 (+-0.003 on 10,000 images)
+    assert float(cli.trainer.callback_metrics["val/acc"]) > 0.13
+    assert_mean_is_the_sample_weighted_mean_of_the_clusters(cli)
 
 
 def test_floral_beats_fedavg_on_mnist_label_shift_and_recovers_the_clusters(tmp_path, mnist_npz):
