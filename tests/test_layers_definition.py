@@ -11,6 +11,7 @@ merged, factorised and naive paths alike still fails here.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -68,10 +69,13 @@ def check_all_paths(layer: nn.Module, x: torch.Tensor, expected, randn) -> None:
 
 
 # --- linear -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_is_base_plus_alpha_weighted_low_rank_terms(bias, randn):
-    base = nn.Linear(6, 4, bias=bias).double()
-    layer = FloralLinear(copy.deepcopy(base), C, rank=2, alpha=ALPHA)
+@pytest.mark.parametrize("base_bias, bias", [(True, True), (False, True), (True, False)])
+def test_linear_is_base_plus_alpha_weighted_low_rank_terms(base_bias, bias, randn):
+    """Adaptor biases exist only where the base has one and ``bias=True``."""
+    base = nn.Linear(6, 4, bias=base_bias).double()
+    layer = FloralLinear(copy.deepcopy(base), C, rank=2, alpha=ALPHA, bias=bias)
+    bias = bias and base_bias
+    assert (layer.adaptor_bias is not None) == bias
     randomise_(layer, randn)
     x = randn(5, 6)
 
@@ -89,6 +93,39 @@ def test_linear_is_base_plus_alpha_weighted_low_rank_terms(bias, randn):
     merged = layer.merged_module(W_ONE)
     assert type(merged) is nn.Linear
     torch.testing.assert_close(merged(x), expected(W_ONE))
+
+
+def test_linear_preconditioning_is_the_inverse_gram_of_the_other_factor(randn):
+    """Spec §2: grad A_c <- (B_c^T B_c + eps I)^-1 grad A_c, grad B_c <- grad B_c (A_c A_c^T + eps I)^-1."""
+    layer = FloralLinear(nn.Linear(6, 5).double(), C, rank=3)
+    randomise_(layer, randn)
+    layer.adaptor_A.grad, layer.adaptor_B.grad = randn(C, 3, 6), randn(C, 5, 3)
+    grad_a, grad_b = layer.adaptor_A.grad.clone(), layer.adaptor_B.grad.clone()
+    eps = 0.3  # large enough that a dropped eps shows
+    layer.precondition_gradients_(eps)
+    for c in range(C):
+        a, b = layer.adaptor_A[c].detach(), layer.adaptor_B[c].detach()
+        torch.testing.assert_close(layer.adaptor_A.grad[c], torch.linalg.inv(b.T @ b + eps * torch.eye(3)) @ grad_a[c])
+        torch.testing.assert_close(layer.adaptor_B.grad[c], grad_b[c] @ torch.linalg.inv(a @ a.T + eps * torch.eye(3)))
+
+
+@pytest.mark.parametrize("init", ["uniform_in", "normal_in", "uniform_out", "normal_out"])
+def test_factor_initialisation_follows_the_spec(init):
+    """``*_in``: A ~ U(+-sqrt(6 / fan_in)) (He-uniform) or N(0, 2 / fan_in), B = 0; ``*_out``: the same for B
+    with fan_in = r, A = 0. Either way B A = 0, so the model equals its base at init."""
+    torch.manual_seed(0)
+    layer = FloralLinear(nn.Linear(400, 300), 4, rank=12, init=init)
+    drawn, zero, fan = (
+        (layer.adaptor_A, layer.adaptor_B, 400) if init.endswith("_in") else (layer.adaptor_B, layer.adaptor_A, 12)
+    )
+    assert torch.count_nonzero(zero) == 0
+    if init.startswith("uniform"):
+        bound = math.sqrt(6 / fan)
+        assert drawn.abs().max() <= bound and drawn.abs().max() > 0.99 * bound
+        assert drawn.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
+    else:
+        assert drawn.std().item() == pytest.approx(math.sqrt(2 / fan), rel=0.05)
+    assert drawn.mean().abs().item() < 0.05 * drawn.std().item()
 
 
 def test_linear_rank_follows_the_budget_rule():
