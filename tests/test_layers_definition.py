@@ -234,6 +234,28 @@ def test_conv_merged_kernel_is_the_composed_product(randn):
     torch.testing.assert_close(db, ALPHA * (W_ONE[:, None] * layer.adaptor_bias).sum(0))
 
 
+def block_gram_norm(factor: torch.Tensor, groups: int) -> torch.Tensor:
+    """||M M^T||_F of a grouped conv factor as the block-diagonal matrix it is (one block per group)."""
+    blocks = [part.reshape(part.shape[0], -1) for part in factor.chunk(groups, dim=0)]
+    matrix = torch.block_diag(*blocks)
+    return torch.linalg.matrix_norm(matrix @ matrix.T)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_preconditioning_divides_by_the_other_factors_gram_norm(groups, randn):
+    """Spec §2: each conv factor's gradient divided by ||G||_F + eps of the other factor's Gram; a grouped factor
+    is the block-diagonal matrix of its groups."""
+    layer = FloralConv(nn.Conv2d(4, 6, 3, groups=groups).double(), C, rank=2, alpha=ALPHA)
+    randomise_(layer, randn)
+    layer.adaptor_A.grad, layer.adaptor_B.grad = randn(*layer.adaptor_A.shape), randn(*layer.adaptor_B.shape)
+    grad_a, grad_b = layer.adaptor_A.grad.clone(), layer.adaptor_B.grad.clone()
+    layer.precondition_gradients_(0.1)
+    for c in range(C):
+        a, b = layer.adaptor_A[c].detach(), layer.adaptor_B[c].detach()
+        torch.testing.assert_close(layer.adaptor_A.grad[c], grad_a[c] / (block_gram_norm(b, groups) + 0.1))
+        torch.testing.assert_close(layer.adaptor_B.grad[c], grad_b[c] / (block_gram_norm(a, groups) + 0.1))
+
+
 @pytest.mark.parametrize("split, first_dims", [("balanced_2d", [1]), ("in", [0, 1]), ("out", [])])
 def test_conv_transpose_is_base_plus_alpha_weighted_adaptors(split, first_dims, randn):
     base = nn.ConvTranspose2d(4, 3, (3, 3), stride=2, padding=1, output_padding=1).double()

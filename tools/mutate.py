@@ -1,7 +1,8 @@
 """Mutation testing of the core: plant one plausible single-line bug at a time, and check the fast tests fail.
 
     nice -n 10 python tools/mutate.py                  # every mutant; table on stdout, JSON in tools/mutation.json
-    nice -n 10 python tools/mutate.py --only router    # mutants whose id or module contains "router"
+    nice -n 10 python tools/mutate.py --only router,loop.sizes      # mutants whose id contains either text
+    nice -n 10 python tools/mutate.py --only router --update        # rerun those, merged into the JSON's others
     python tools/mutate.py --list                      # the mutants and whether each still applies, no tests run
 
 Each mutant is a unique snippet of a core file and its replacement, the bug it plants, and the tests that
@@ -91,9 +92,8 @@ MUTANTS: list[Mutant] = [
         BASE,
         'path = "merged"\n',
         'path = "factorised"\n',
-        "auto runs a one-mixture batch on the factorised path",
+        "auto runs a one-mixture batch on the factorised path (same values, the slow path; tests check the choice)",
         LAYERS,
-        equivalent="both paths compute the definition exactly; the choice is about speed only",
     ),
     m(
         "layers.runs-mixtures-reversed",
@@ -364,9 +364,8 @@ MUTANTS: list[Mutant] = [
         CONV,
         "merge_runs_from = 4.0",
         "merge_runs_from = None",
-        "eval runs of one client take the factorised path",
+        "eval runs of one client take the factorised path (same values, the slow path; tests check the choice)",
         LAYERS,
-        equivalent="both paths compute the definition exactly; the choice is about speed only",
     ),
     m(
         "embedding.merged-table-alpha",
@@ -1210,6 +1209,15 @@ def write_json_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    extra = (f" --only {args.only}" if args.only else "") + (" --update" if args.update else "")
+    return "nice -n 10 python tools/mutate.py" + extra
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -1219,7 +1227,10 @@ def git_commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=None, help="run the mutants whose id contains this text")
+    parser.add_argument("--only", default=None, help="run the mutants whose id contains one of these (comma-separated)")
+    parser.add_argument(
+        "--update", action="store_true", help="merge these outcomes into --out's others (a partial rerun)"
+    )
     parser.add_argument("--list", action="store_true", help="list the mutants and whether they apply; run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run side by side (each in its own copy)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per mutant (default: 4x baseline + 60)")
@@ -1230,7 +1241,8 @@ def main(argv: list[str] | None = None) -> int:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise SystemExit(f"duplicate mutant ids: {duplicates}")
-    chosen = [mu for mu in MUTANTS if args.only is None or args.only in mu.id]
+    patterns = None if args.only is None else [p for p in args.only.split(",") if p]
+    chosen = [mu for mu in MUTANTS if patterns is None or any(p in mu.id for p in patterns)]
     if not chosen:
         raise SystemExit(f"--only {args.only!r} matches no mutant id")
     if args.list:
@@ -1267,6 +1279,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{outcome.status:10s} {outcome.seconds:6.1f}s  {outcome.id}", flush=True)
 
     order = {mu.id: i for i, mu in enumerate(MUTANTS)}
+    runs = [{"command": command_line(args), "commit": git_commit(), "date": now(), "mutants": len(outcomes)}]
+    out = Path(args.out)
+    if args.update and out.is_file():  # keep the earlier outcomes of the mutants not rerun now
+        earlier = json.loads(out.read_text())
+        rerun = {o.id for o in outcomes}
+        outcomes += [Outcome(**o) for o in earlier["mutants"] if o["id"] not in rerun and o["id"] in order]
+        runs = earlier.get("runs", []) + runs
     outcomes.sort(key=lambda o: order[o.id])
     scores = score(outcomes)
     print()
@@ -1283,14 +1302,12 @@ def main(argv: list[str] | None = None) -> int:
     survivors = [o for o in outcomes if o.status == "survived"]
     for o in survivors:
         print(f"SURVIVED {o.id}: {o.bug}")
+    runs[-1]["seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomically(
-        Path(args.out),
+        out,
         {
-            "command": "nice -n 10 python tools/mutate.py" + (f" --only {args.only}" if args.only else ""),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jobs={args.jobs}",
-            "seconds": round(time.perf_counter() - started, 1),
+            "runs": runs,  # the full run and any partial reruns merged into it (--update)
             "scores": scores,
             "mutants": [asdict(o) for o in outcomes],
         },
