@@ -72,8 +72,9 @@ def m(id: str, file: str, find: str, replace: str, bug: str, tests: tuple[str, .
 
 BASE, LIN, CONV, EMB, NORM, RANK = (f"floral_lightning/layers/{n}.py" for n in
                                     ("base", "linear", "conv", "embedding", "norm", "rank"))  # fmt: skip
-ROUTER_PY, MODEL, AGG, METRICS_PY, MODULE_PY, METHODS_PY, ENSEMBLE = (
-    f"floral_lightning/{n}.py" for n in ("router", "model", "aggregation", "metrics", "module", "methods", "ensemble")
+ROUTER_PY, MODEL, AGG, METRICS_PY, MODULE_PY, METHODS_PY, ENSEMBLE, PERSONALIZED = (
+    f"floral_lightning/{n}.py"
+    for n in ("router", "model", "aggregation", "metrics", "module", "methods", "ensemble", "personalized")
 )
 LOOP = "callbacks/federated.py"
 
@@ -816,10 +817,18 @@ MUTANTS: list[Mutant] = [
     m(
         "loop.same-sample-every-round",
         LOOP,
-        "seeded_generator(seed, 0, round_idx)",
-        "seeded_generator(seed, 0, 0)",
+        "seeded_generator(seed, Stream.SETUP, round_idx)",
+        "seeded_generator(seed, Stream.SETUP, 0)",
         "the same clients sampled every round",
         ROUND_LOOP,
+    ),
+    m(
+        "loop.local-seed-ignores-round",
+        LOOP,
+        "seed_local_training(self.seed, self.round, client_id)",
+        "seed_local_training(self.seed, 0, client_id)",
+        "a client's router noise and dropout repeat every round",
+        ROUND_LOOP + ("tests/test_seeding.py",),
     ),
     m(
         "loop.local-epochs-ignored",
@@ -857,8 +866,8 @@ MUTANTS: list[Mutant] = [
     m(
         "module.router-weight-decay",
         MODULE_PY,
-        '"lr": opt.router_lr, "weight_decay": 0.0}',
-        '"lr": opt.router_lr}',
+        'groups[-1]["weight_decay"] = 0.0',
+        'groups[-1]["weight_decay"] = opt.weight_decay',
         "weight decay on the router (unsampled clients' mixtures decay)",
         MODULE,
     ),
@@ -881,8 +890,8 @@ MUTANTS: list[Mutant] = [
     m(
         "module.always-precondition",
         MODULE_PY,
-        "if self.precondition and self.is_floral:",
-        "if self.is_floral:",
+        "if self.precondition:",
+        "if True:",
         "gradients preconditioned even with precondition=false",
         MODULE,
     ),
@@ -912,9 +921,9 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "module.mixtures-without-temperature",
-        MODULE_PY,
-        "torch.softmax(router.logits.detach() / router.temperature, dim=-1)",
-        "torch.softmax(router.logits.detach(), dim=-1)",
+        PERSONALIZED,
+        "torch.softmax(self.router.logits.detach() / self.router.temperature, dim=-1)",
+        "torch.softmax(self.router.logits.detach(), dim=-1)",
         "reported mixtures ignore the temperature",
         MODULE,
     ),
