@@ -2,8 +2,8 @@
 
     nice -n 10 python tools/mutate.py                  # every mutant; table on stdout, JSON in tools/mutation.json
     nice -n 10 python tools/mutate.py --only router,loop.sizes      # mutants whose id contains either text
-    nice -n 10 python tools/mutate.py --only router --update        # rerun those, merged into the JSON's others
     python tools/mutate.py --list                      # the mutants and whether each still applies, no tests run
+    python tools/mutate.py --merge a.json b.json       # combine runs made in pieces (later files win per mutant)
 
 Each mutant is a unique snippet of a core file and its replacement, the bug it plants, and the tests that
 should catch it (a targeted selection of fast test files: running the whole suite per mutant would take
@@ -1186,16 +1186,14 @@ def run_mutant(mutant: Mutant, workdir: Path, timeout: float) -> Outcome:
     return outcome
 
 
-def baseline(workdir: Path, selections: set[tuple[str, ...]]) -> dict[tuple[str, ...], float]:
-    """Every selection must pass unmutated; returns each one's time."""
-    times = {}
-    for tests in sorted(selections):
-        start = time.perf_counter()
-        passed, detail, _ = run_tests(workdir, tests, timeout=900)
-        if not passed:
-            raise SystemExit(f"the unmutated tests fail ({' '.join(tests)}): {detail}")
-        times[tests] = time.perf_counter() - start
-    return times
+def baseline(workdir: Path, selections: list[tuple[str, ...]]) -> float:
+    """Every selected test file must pass unmutated (one run over their union); returns its time."""
+    files = tuple(dict.fromkeys(f for tests in selections for f in tests))
+    start = time.perf_counter()
+    passed, detail, _ = run_tests(workdir, files, timeout=1800)
+    if not passed:
+        raise SystemExit(f"the unmutated tests fail ({' '.join(files)}): {detail}")
+    return time.perf_counter() - start
 
 
 def score(outcomes: list[Outcome]) -> dict[str, dict]:
@@ -1223,8 +1221,7 @@ def now() -> str:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    extra = (f" --only {args.only}" if args.only else "") + (" --update" if args.update else "")
-    return "nice -n 10 python tools/mutate.py" + extra
+    return "nice -n 10 python tools/mutate.py" + (f" --only {args.only}" if args.only else "")
 
 
 def git_commit() -> str:
@@ -1234,17 +1231,61 @@ def git_commit() -> str:
         return ""
 
 
+def report(outcomes: list[Outcome]) -> dict[str, dict]:
+    """Print the per-mutant and per-module tables; return the scores."""
+    scores = score(outcomes)
+    print(f"| {'mutant':50s} | status     | seconds | bug |")
+    print(f"|{'-' * 52}|------------|--------:|-----|")
+    for o in outcomes:
+        print(f"| {o.id:50s} | {o.status:10s} | {o.seconds:7.1f} | {o.bug} |")
+    print()
+    print("| module | killed | survived | equivalent | stale | score |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in scores.items():
+        s = "-" if row["score"] is None else f"{row['score']:.1f} %"
+        print(f"| {name} | {row['killed']} | {row['survived']} | {row['equivalent']} | {row['stale']} | {s} |")
+    for o in outcomes:
+        if o.status == "survived":
+            print(f"SURVIVED {o.id}: {o.bug}")
+    return scores
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """One JSON from several partial runs: each mutant's outcome from the last file that ran it."""
+    order = {mu.id: i for i, mu in enumerate(MUTANTS)}
+    by_id: dict[str, Outcome] = {}
+    runs: list[dict] = []
+    machine = ""
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs += data.get("runs", [])
+        machine = data.get("machine", machine)
+        for o in data["mutants"]:
+            if o["id"] in order:
+                by_id[o["id"]] = Outcome(**o)
+    outcomes = sorted(by_id.values(), key=lambda o: order[o.id])
+    missing = [mu.id for mu in MUTANTS if mu.id not in by_id]
+    if missing:
+        print(f"not run in any of these files: {missing}")
+    scores = report(outcomes)
+    write_json_atomically(
+        out, {"machine": machine, "runs": runs, "scores": scores, "mutants": [asdict(o) for o in outcomes]}
+    )
+    print(f"\nwrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None, help="run the mutants whose id contains one of these (comma-separated)")
-    parser.add_argument(
-        "--update", action="store_true", help="merge these outcomes into --out's others (a partial rerun)"
-    )
     parser.add_argument("--list", action="store_true", help="list the mutants and whether they apply; run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run side by side (each in its own copy)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per mutant (default: 4x baseline + 60)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per mutant (default: 2x baseline + 60)")
     parser.add_argument("--out", default=str(ROOT / "tools" / "mutation.json"), help="where the JSON goes")
+    parser.add_argument("--merge", nargs="+", default=None, help="combine these JSON outputs into --out; run nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
 
     ids = [mu.id for mu in MUTANTS]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
@@ -1265,8 +1306,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         workdirs = [copy_repo(Path(tmp) / f"w{j}") for j in range(max(1, args.jobs))]
         runnable = [mu for mu in chosen if applies(mu) is None]
-        times = baseline(workdirs[0], {mu.tests for mu in runnable})
-        print(f"baseline: {len(times)} test selections pass ({sum(times.values()):.0f} s)", flush=True)
+        seconds = baseline(workdirs[0], [mu.tests for mu in runnable])
+        print(f"baseline: the selected tests pass unmutated ({seconds:.0f} s)", flush=True)
         outcomes: list[Outcome] = []
         for mu in chosen:
             reason = applies(mu)
@@ -1277,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
         def work(mu: Mutant) -> Outcome:
             workdir = free.pop()
             try:
-                timeout = args.timeout or 4 * times[mu.tests] + 60
+                timeout = args.timeout or 2 * seconds + 60
                 return run_mutant(mu, workdir, timeout)
             finally:
                 free.append(workdir)
@@ -1290,33 +1331,15 @@ def main(argv: list[str] | None = None) -> int:
     order = {mu.id: i for i, mu in enumerate(MUTANTS)}
     runs = [{"command": command_line(args), "commit": git_commit(), "date": now(), "mutants": len(outcomes)}]
     out = Path(args.out)
-    if args.update and out.is_file():  # keep the earlier outcomes of the mutants not rerun now
-        earlier = json.loads(out.read_text())
-        rerun = {o.id for o in outcomes}
-        outcomes += [Outcome(**o) for o in earlier["mutants"] if o["id"] not in rerun and o["id"] in order]
-        runs = earlier.get("runs", []) + runs
     outcomes.sort(key=lambda o: order[o.id])
-    scores = score(outcomes)
     print()
-    print(f"| {'mutant':50s} | status     | seconds | bug |")
-    print(f"|{'-' * 52}|------------|--------:|-----|")
-    for o in outcomes:
-        print(f"| {o.id:50s} | {o.status:10s} | {o.seconds:7.1f} | {o.bug} |")
-    print()
-    print("| module | killed | survived | equivalent | stale | score |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, row in scores.items():
-        s = "-" if row["score"] is None else f"{row['score']:.1f} %"
-        print(f"| {name} | {row['killed']} | {row['survived']} | {row['equivalent']} | {row['stale']} | {s} |")
-    survivors = [o for o in outcomes if o.status == "survived"]
-    for o in survivors:
-        print(f"SURVIVED {o.id}: {o.bug}")
+    scores = report(outcomes)
     runs[-1]["seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomically(
         out,
         {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jobs={args.jobs}",
-            "runs": runs,  # the full run and any partial reruns merged into it (--update)
+            "runs": runs,
             "scores": scores,
             "mutants": [asdict(o) for o in outcomes],
         },
