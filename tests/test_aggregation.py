@@ -125,3 +125,26 @@ def test_server_adam_moves_towards_average_and_buffers_copy():
     restored.bind(state, roles, {"w"})
     restored.load_state_dict(server.state_dict())
     assert restored.state_dict()["state"][0]["step"] == 1
+
+
+def test_server_lr_one_with_another_adaptor_lr_still_steps_the_adaptors():
+    """lr 1 is plain averaging for the base only: adaptors move x - adaptor_lr * (x - avg)."""
+    state = {"w": torch.ones(3), "A": torch.ones(2, 3)}
+    avg = {"w": torch.full((3,), 0.3), "A": torch.full((2, 3), 0.7)}
+    server = ServerOptimizer("sgd", lr=1.0, adaptor_lr=0.5)
+    server.bind(state, {"w": "shared", "A": "adaptor"}, set(state))
+    server.step(state, avg)
+    torch.testing.assert_close(state["w"], avg["w"])
+    torch.testing.assert_close(state["A"], torch.full((2, 3), 1 - 0.5 * 0.3))
+
+
+def test_an_adaptor_no_client_weights_keeps_its_global_value():
+    """p(c|k) underflows to exactly 0 for adaptor 1 in every client: its slice keeps the global value rather
+    than becoming 0 / 0 or 0."""
+    global_state = _state(0)
+    aggregator = StreamingAggregator(global_state, ROLES)
+    for seed in (1, 2):
+        aggregator.add(_state(seed), 10, torch.tensor([0.0, -1000.0]))
+    result = aggregator.result(fallback=global_state)
+    assert torch.equal(result["A"][1], global_state["A"][1])
+    torch.testing.assert_close(result["A"][0], (_state(1)["A"][0] + _state(2)["A"][0]) / 2)

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from federated_helpers import fit
+from federated_helpers import RecordingCallback, fit
 from torch import nn
 
 from callbacks import FederatedCallback, sample_clients
@@ -42,8 +42,8 @@ class UnequalClients(ClientSource):
         return out
 
 
-def unequal_data() -> FederatedDataModule:
-    return FederatedDataModule(UnequalClients(), num_clients=NUM_CLIENTS, num_clusters=2, batch_size=4, seed=0)
+def unequal_data(batch_size: int = 4) -> FederatedDataModule:
+    return FederatedDataModule(UnequalClients(), num_clients=NUM_CLIENTS, num_clusters=2, batch_size=batch_size, seed=0)
 
 
 def make_module(optimizer: ClientOptimizer) -> RegressionModule:
@@ -210,3 +210,27 @@ def test_a_client_not_sampled_keeps_its_mixture_exactly(name):
     after = module.model.router.logits.detach()
     for k in range(NUM_CLIENTS):
         assert torch.equal(after[k], before[k]) != (k in sampled), f"client {k} (sampled: {k in sampled})"
+
+
+def test_norm_buffers_are_averaged_not_server_optimised():
+    """With FedAdam, parameters take the server step but buffers (BatchNorm statistics) take the p(k)-weighted
+    average of the clients' reports, and the integer ``num_batches_tracked`` their maximum."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    module = RegressionModule(base, num_clients=NUM_CLIENTS, num_adaptors=2, rank=1)
+    callback = RecordingCallback(server_optimizer="adam", server_lr=0.1)
+    fit(module, unequal_data(batch_size=6), 1, callback)  # no batch of one sample (BatchNorm needs two)
+    state = module.model.federated_state()
+    n = torch.tensor([u.num_samples for u in callback.updates], dtype=torch.float64)
+    buffers = [name for name in state if "running" in name]
+    assert buffers
+    for name in buffers:
+        reports = torch.stack([u.state[name] for u in callback.updates]).double()
+        expected = (n.view(-1, *[1] * (reports.dim() - 1)) * reports).sum(0) / n.sum()
+        torch.testing.assert_close(state[name].double(), expected, msg=name)
+    tracked = [name for name in state if name.endswith("num_batches_tracked")]
+    for name in tracked:
+        assert state[name] == max(u.state[name] for u in callback.updates)
+    weight = "base.0.base.weight"
+    average = sum(w * u.state[weight] for w, u in zip(n / n.sum(), callback.updates))
+    assert not torch.allclose(state[weight], average.float())  # the parameters did take Adam's step
