@@ -1113,7 +1113,7 @@ MUTANTS: list[Mutant] = [
 class Outcome:
     id: str
     module: str
-    status: str  # killed | survived | equivalent (survived, as expected) | stale
+    status: str  # killed | survived | equivalent (survived, as expected) | stale | not-run
     seconds: float
     bug: str
     detail: str = ""
@@ -1201,7 +1201,7 @@ def score(outcomes: list[Outcome]) -> dict[str, dict]:
     table: dict[str, dict] = {}
     for o in outcomes:
         for key in (o.module, "all"):
-            row = table.setdefault(key, {"killed": 0, "survived": 0, "equivalent": 0, "stale": 0})
+            row = table.setdefault(key, {"killed": 0, "survived": 0, "equivalent": 0, "stale": 0, "not-run": 0})
             row[o.status] += 1
     for row in table.values():
         scored = row["killed"] + row["survived"]
@@ -1239,11 +1239,12 @@ def report(outcomes: list[Outcome]) -> dict[str, dict]:
     for o in outcomes:
         print(f"| {o.id:50s} | {o.status:10s} | {o.seconds:7.1f} | {o.bug} |")
     print()
-    print("| module | killed | survived | equivalent | stale | score |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| module | killed | survived | equivalent | stale | not run | score |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, row in scores.items():
         s = "-" if row["score"] is None else f"{row['score']:.1f} %"
-        print(f"| {name} | {row['killed']} | {row['survived']} | {row['equivalent']} | {row['stale']} | {s} |")
+        counts = " | ".join(str(row[k]) for k in ("killed", "survived", "equivalent", "stale", "not-run"))
+        print(f"| {name} | {counts} | {s} |")
     for o in outcomes:
         if o.status == "survived":
             print(f"SURVIVED {o.id}: {o.bug}")
@@ -1257,16 +1258,26 @@ def merge(paths: list[str], out: Path) -> int:
     runs: list[dict] = []
     machine = ""
     for path in paths:
+        if path.endswith(".log"):  # the progress lines of an interrupted run: "status seconds id"
+            runs.append({"command": f"an interrupted run, outcomes read from its progress log {Path(path).name}"})
+            for line in Path(path).read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[2] in order and parts[1].endswith("s"):
+                    mu = MUTANTS[order[parts[2]]]
+                    by_id[mu.id] = Outcome(mu.id, module_of(mu), parts[0], float(parts[1][:-1]), mu.bug,
+                                           equivalent=mu.equivalent, tests=list(mu.tests))  # fmt: skip
+            continue
         data = json.loads(Path(path).read_text())
         runs += data.get("runs", [])
         machine = data.get("machine", machine)
         for o in data["mutants"]:
             if o["id"] in order:
                 by_id[o["id"]] = Outcome(**o)
+    for mu in MUTANTS:
+        if mu.id not in by_id:
+            by_id[mu.id] = Outcome(mu.id, module_of(mu), "not-run", 0.0, mu.bug, "in none of the merged runs",
+                                   mu.equivalent, list(mu.tests))  # fmt: skip
     outcomes = sorted(by_id.values(), key=lambda o: order[o.id])
-    missing = [mu.id for mu in MUTANTS if mu.id not in by_id]
-    if missing:
-        print(f"not run in any of these files: {missing}")
     scores = report(outcomes)
     write_json_atomically(
         out, {"machine": machine, "runs": runs, "scores": scores, "mutants": [asdict(o) for o in outcomes]}
