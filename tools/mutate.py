@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -1131,23 +1132,60 @@ def copy_repo(into: Path) -> Path:
     return into
 
 
-def pytest_command(tests: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+def pytest_args(tests: tuple[str, ...]) -> list[str]:
+    return ["-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+
+
+#: imported once by the runner, so that each forked test run starts warm (importing torch and Lightning costs
+#: seconds per run); the package under test is never imported here, each child imports its mutated copy
+WARM_IMPORTS = ("numpy", "torch", "torchmetrics", "lightning", "hypothesis", "pytest")
 
 
 def run_tests(workdir: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, str, bool]:
-    """(passed, last output line, timed out) of the selected tests in ``workdir``."""
-    env = dict(os.environ, PYTHONPATH=str(workdir), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.setdefault("FLORAL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-    try:
-        result = subprocess.run(
-            pytest_command(tests), cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return False, f"timed out after {timeout:.0f} s", True
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    """(passed, last output line, timed out) of the selected tests in ``workdir``, run by pytest in a forked
+    child of this process (a fresh interpreter where ``fork`` is missing)."""
+    log = workdir / ".mutate-output.txt"
+    env = {"PYTHONPATH": str(workdir), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["FLORAL_DATA_DIR"] = os.environ.get("FLORAL_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    if not hasattr(os, "fork"):
+        command = [sys.executable, "-m", "pytest", *pytest_args(tests)]
+        try:
+            result = subprocess.run(command, cwd=workdir, env=os.environ | env, capture_output=True, text=True,
+                                    timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout:.0f} s", True
+        log.write_text(result.stdout + result.stderr)
+        returncode = result.returncode
+    else:
+        pid = os.fork()
+        if pid == 0:  # the child: pytest on the mutated copy, output to the log, exit with pytest's code
+            code = 3
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.chdir(workdir)
+                os.environ.update(env)
+                sys.path.insert(0, str(workdir))
+                import pytest
+
+                code = int(pytest.main(pytest_args(tests)))
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return False, f"timed out after {timeout:.0f} s", True
+            time.sleep(0.1)
+        returncode = os.waitstatus_to_exitcode(status)
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    return result.returncode == 0, (failed or lines or [""])[-1][:200], False
+    return returncode == 0, (failed or lines or [""])[-1][:200], False
 
 
 def module_of(mutant: Mutant) -> str:
@@ -1314,6 +1352,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.perf_counter()
+    if hasattr(os, "fork"):
+        for name in WARM_IMPORTS:
+            importlib.import_module(name)
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         workdirs = [copy_repo(Path(tmp) / f"w{j}") for j in range(max(1, args.jobs))]
         runnable = [mu for mu in chosen if applies(mu) is None]
