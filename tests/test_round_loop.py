@@ -234,3 +234,30 @@ def test_norm_buffers_are_averaged_not_server_optimised():
     weight = "base.0.base.weight"
     average = sum(w * u.state[weight] for w, u in zip(n / n.sum(), callback.updates))
     assert not torch.allclose(state[weight], average.float())  # the parameters did take Adam's step
+
+
+class DrawRecorder(RegressionModule):
+    """Records the first draw of the global RNG each time a client starts (router noise and dropout draw next)."""
+
+    def on_client_start(self, client_id: int) -> None:
+        super().on_client_start(client_id)
+        self.draws.append((self.current_epoch, client_id, torch.rand(()).item()))
+
+
+def test_local_training_draws_are_seeded_per_round_and_client():
+    """Router noise and dropout of client k in round r come from a stream of (seed, r, k): they repeat in a
+    rerun, and differ between rounds and between clients."""
+
+    def draws(seed: int) -> list[tuple[int, int, float]]:
+        torch.manual_seed(0)
+        module = DrawRecorder(nn.Linear(5, 2), num_clients=NUM_CLIENTS, num_adaptors=2, rank=1)
+        module.draws = []
+        fit(module, unequal_data(), 2, FederatedCallback(seed=seed))
+        return module.draws
+
+    first = draws(seed=3)
+    assert [(r, k) for r, k, _ in first] == [(r, k) for r in range(2) for k in range(NUM_CLIENTS)]
+    assert draws(seed=3) == first
+    values = [v for _, _, v in first]
+    assert len(set(values)) == len(values)  # every (round, client) its own stream
+    assert [v for _, _, v in draws(seed=4)] != values
