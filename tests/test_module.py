@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
 from federated_helpers import quiet_trainer
 
 from callbacks import FederatedCallback
 from floral_lightning.data import FederatedDataModule, RandomImages
 from floral_lightning.models import MLP
-from floral_lightning.module import ClientOptimizer, FloralModule
+from floral_lightning.module import ClientOptimizer, FloralModule, RouterOptions
 
 
 def label_shift_run(num_adaptors: int, rounds: int = 20, seed: int = 0) -> dict[str, float]:
@@ -43,3 +46,19 @@ def test_floral_beats_fedavg_under_label_shift_and_routes_the_clusters_apart():
     assert floral["val/routing_ari"] > 0.3
     assert floral["val/acc"] > fedavg["val/acc"] + 0.25
     assert floral["val/acc_worst"] > fedavg["val/acc_worst"] + 0.25
+
+
+def test_training_loss_adds_the_entropy_penalty():
+    """The local loss is the task loss plus entropy_penalty * the entropy of softmax(theta_k / T)."""
+    torch.manual_seed(0)
+    router = RouterOptions(noise="none", temperature=2.0, entropy_penalty=0.7)
+    module = FloralModule(MLP(4, [8], 3), num_clients=3, num_adaptors=2, rank=1, router=router)
+    module.trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with torch.no_grad():
+        module.model.router.logits.copy_(torch.tensor([[0.3, -0.4], [1.0, 0.0], [0.0, 0.0]]))
+    x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
+    loss = module.training_step((x, y, 1), 0)
+    p = torch.softmax(torch.tensor([1.0, 0.0]) / 2.0, -1)
+    entropy = -(p * p.log()).sum()
+    expected = F.cross_entropy(module.model(x, 1), y) + 0.7 * entropy
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -934,7 +934,7 @@ MUTANTS: list[Mutant] = [
         "loss = loss + penalty",
         "loss = loss - penalty",
         "the entropy penalty enters the loss with the wrong sign",
-        MODULE + ("tests/test_model.py",),
+        ("tests/test_module.py", *MODULE),
     ),
     # --- metrics -------------------------------------------------------------------------------------------------
     m(
