@@ -1002,11 +1002,11 @@ MUTANTS: list[Mutant] = [
         METRICS,
     ),
     m(
-        "metrics.per-client-count",
+        "metrics.per-client-values-misplaced",
         METRICS_PY,
-        "self.count.index_add_(0, client_ids, torch.ones_like(values))",
-        "self.count.index_add_(0, client_ids.flip(0), torch.ones_like(values))",
-        "sample counts credited to the wrong clients",
+        "self.total.index_add_(0, client_ids, values)",
+        "self.total.index_add_(0, client_ids.flip(0), values)",
+        "a batch's scores credited to the wrong clients",
         METRICS,
     ),
     # --- methods -------------------------------------------------------------------------------------------------
@@ -1031,9 +1031,8 @@ MUTANTS: list[Mutant] = [
         METHODS_PY,
         "self.model.router.logits.requires_grad_(False)",
         "self.model.router.logits.requires_grad_(True)",
-        "Local Adaptor: the one-adaptor router trains",
+        "Local Adaptor: the one-adaptor router trains (its mixture stays 1; a test checks it is frozen)",
         METHODS,
-        equivalent="the softmax of one logit is 1 whatever the logit, and its gradient is 0",
     ),
     m(
         "methods.fedprox-half-missing",
