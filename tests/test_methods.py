@@ -451,3 +451,40 @@ def test_methods_fix_what_they_define():
         DittoModule(nn.Linear(2, 2), num_adaptors=2)
     assert FedAvgModule(nn.Linear(2, 2)).model.router is None
     assert EnsembleModule(nn.Linear(2, 2), num_members=2).model.router is not None
+
+
+class LossChecker(FederatedCallback):
+    """Before each step, the expected local loss by the definition; after it, the loss the module returned."""
+
+    def __init__(self, expected_loss, **kwargs):
+        super().__init__(**kwargs)
+        self.expected_loss, self.pairs = expected_loss, []
+
+    def on_client_start(self, trainer, pl_module, client_id):
+        self.anchor = {n: t.detach().clone() for n, t in self.global_state.items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        with torch.no_grad():
+            self.expected = self.expected_loss(pl_module, batch, self.anchor)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.pairs.append((outputs["loss"].item(), self.expected.item()))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_fedprox_local_loss_is_the_task_loss_plus_half_mu_times_the_squared_distance():
+    distances = []
+
+    def expected(module, batch, anchor):
+        x, y, k = batch
+        distance = sum((t - anchor[n]).pow(2).sum() for n, t in module.federated_state().items())
+        distances.append(distance.item())
+        return nn.functional.mse_loss(module(x, k), y) + 0.5 * 3.0 * distance
+
+    module = linear(FedProxModule, mu=3.0)
+    checker = LossChecker(expected, clients_per_round=2)
+    fit(module, linear_data(), 1, checker)
+    assert len(checker.pairs) > 4 and max(distances) > 1e-3  # clients moved away from the anchor
+    for got, want in checker.pairs:
+        assert got == pytest.approx(want, rel=1e-5)
