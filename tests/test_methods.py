@@ -488,3 +488,22 @@ def test_fedprox_local_loss_is_the_task_loss_plus_half_mu_times_the_squared_dist
     assert len(checker.pairs) > 4 and max(distances) > 1e-3  # clients moved away from the anchor
     for got, want in checker.pairs:
         assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_ditto_local_loss_adds_the_personal_loss_and_half_lam_times_its_distance_to_the_global_model():
+    distances = []
+
+    def expected(module, batch, anchor):
+        x, y, k = batch
+        personal = dict(module.personal.named_parameters())
+        distance = sum((personal[n] - anchor[n]).pow(2).sum() for n in personal)
+        distances.append(distance.item())
+        loss = nn.functional.mse_loss(module(x, k), y) + nn.functional.mse_loss(module.personal(x), y)
+        return loss + 0.5 * 2.0 * distance
+
+    module = linear(DittoModule, lam=2.0)
+    checker = LossChecker(expected, clients_per_round=2)
+    fit(module, linear_data(), 2, checker)  # round 2: personal models start away from the global one
+    assert len(checker.pairs) > 4 and max(distances) > 1e-3
+    for got, want in checker.pairs:
+        assert got == pytest.approx(want, rel=1e-5)
