@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from callbacks import FederatedCallback, sample_clients
 from floral_lightning.aggregation import aggregate
-from floral_lightning.data import FederatedDataModule, RandomImages
+from floral_lightning.data import FederatedDataModule, RandomImages, SyntheticLinear
 from floral_lightning.ensemble import EnsembleModel
 from floral_lightning.methods import (
     ClientStates,
@@ -507,3 +507,19 @@ def test_ditto_local_loss_adds_the_personal_loss_and_half_lam_times_its_distance
     assert len(checker.pairs) > 4 and max(distances) > 1e-3
     for got, want in checker.pairs:
         assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_finetuning_is_finetune_epochs_of_sgd_at_finetune_lr_from_the_global_weights():
+    """With the whole client split in one batch the order is irrelevant: each epoch is one gradient step."""
+    data = FederatedDataModule(SyntheticLinear(samples_per_client=20), num_clients=6, num_clusters=2, batch_size=64)
+    module = linear(FineTuneModule, finetune_epochs=3, finetune_lr=0.07)
+    fit(module, data, 1, FederatedCallback())
+    weights = {n: t.detach().clone().requires_grad_() for n, t in module.model.named_parameters()}
+    x, y = data.client_split(2, "train")
+    for _ in range(3):
+        loss = nn.functional.mse_loss(functional_call(module.model, weights, (x,)), y)
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        weights = {n: (w - 0.07 * g).detach().requires_grad_() for (n, w), g in zip(weights.items(), grads)}
+    tuned = module.finetuned_state(2)
+    for name, w in weights.items():
+        torch.testing.assert_close(tuned[name], w.detach(), msg=name)
