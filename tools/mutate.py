@@ -92,8 +92,8 @@ MUTANTS: list[Mutant] = [
     m(
         "layers.auto-merged-is-factorised",
         BASE,
-        'path = "merged"\n',
-        'path = "factorised"\n',
+        "return self.forward_one_mixture(x, w)",
+        "return self.forward_factorised(x, w.expand(x.shape[0], -1))",
         "auto runs a one-mixture batch on the factorised path (same values, the slow path; tests check the choice)",
         LAYERS,
     ),
@@ -534,8 +534,8 @@ MUTANTS: list[Mutant] = [
     m(
         "router.temperature-ignored",
         ROUTER_PY,
-        "w = F.softmax(theta / self.temperature, dim=-1)",
-        "w = F.softmax(theta, dim=-1)",
+        "theta = theta / self.temperature\n",
+        "theta = theta\n",
         "the router temperature ignored",
         ROUTER,
     ),
@@ -566,8 +566,8 @@ MUTANTS: list[Mutant] = [
     m(
         "router.noise-std-ignored",
         ROUTER_PY,
-        "theta = theta + self.noise_std * draw(theta)",
-        "theta = theta + draw(theta)",
+        "theta = theta + (noise if self.noise_std == 1.0 else self.noise_std * noise)",
+        "theta = theta + noise",
         "noise_std ignored",
         ROUTER,
     ),
