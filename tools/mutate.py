@@ -1278,7 +1278,7 @@ def report(outcomes: list[Outcome]) -> dict[str, dict]:
     print()
     print("| module | killed | survived | equivalent | stale | not run | score |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, row in scores.items():
+    for name, row in sorted(scores.items(), key=lambda item: item[0] == "all"):  # the total last
         s = "-" if row["score"] is None else f"{row['score']:.1f} %"
         counts = " | ".join(str(row[k]) for k in ("killed", "survived", "equivalent", "stale", "not-run"))
         print(f"| {name} | {counts} | {s} |")
@@ -1350,7 +1350,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mu.id:50s} {flag:12s} {mu.bug}")
         return 0
 
-    started = time.perf_counter()
+    started, commit, date = time.perf_counter(), git_commit(), now()  # what the copy is taken from
     if hasattr(os, "fork"):
         for name in WARM_IMPORTS:
             importlib.import_module(name)
@@ -1380,7 +1380,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{outcome.status:10s} {outcome.seconds:6.1f}s  {outcome.id}", flush=True)
 
     order = {mu.id: i for i, mu in enumerate(MUTANTS)}
-    runs = [{"command": command_line(args), "commit": git_commit(), "date": now(), "mutants": len(outcomes)}]
+    runs = [{"command": command_line(args), "commit": commit, "date": date, "mutants": len(outcomes)}]
     out = Path(args.out)
     outcomes.sort(key=lambda o: order[o.id])
     print()
