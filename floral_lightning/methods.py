@@ -203,6 +203,10 @@ class LocalAdaptorModule(FloralModule):
         model.load_state_dict(self.client_states.client(client_id), strict=False)
         return model.client_network(client_id).eval()
 
+    def client_tables(self) -> list[torch.Tensor]:
+        """The router's logits and every client's stored private tensors (``client_states``)."""
+        return [*super().client_tables(), *self.client_states.buffers()]
+
     def on_client_start(self, client_id: int) -> None:
         super().on_client_start(client_id)
         self.client_states.load(client_id, self.private_tensors())
@@ -366,6 +370,10 @@ class DittoModule(FloralModule):
         personal = copy.deepcopy(self.personal)
         personal.load_state_dict(self.client_states.client(client_id), strict=False)
         return personal.client_network(client_id).eval()
+
+    def client_tables(self) -> list[torch.Tensor]:
+        """The router's logits and every client's stored private tensors (``client_states``)."""
+        return [*super().client_tables(), *self.client_states.buffers()]
 
     def on_client_start(self, client_id: int) -> None:
         super().on_client_start(client_id)

@@ -23,6 +23,7 @@ from torch import nn
 from .metrics import PerClientMean, adjusted_rand_index, summarize_clients
 from .model import FloralModel
 from .personalized import PersonalizedModel, SharedModel
+from .router import ClientMixtures
 from .pretrained import build_module, save_pretrained
 from .tasks import Task, get_task
 
@@ -387,6 +388,14 @@ class FloralModule(L.LightningModule):
     def client_mixtures(self) -> torch.Tensor | None:
         """All clients' mixtures ``softmax(theta / T)`` [K, C] (rows sum to 1), or ``None`` for FedAvg."""
         return self.model.client_mixtures()
+
+    def client_tables(self) -> list[torch.Tensor]:
+        """Every private per-client tensor ``[K, ...]`` that local training changes, row k being client k's: the
+        router logits of every ``ClientMixtures`` in the module; methods with more private state (local adaptors,
+        Ditto's personal models) add their tables. With several processes the round loop sends each trained
+        client's rows from the process that trained it to all the others at the end of the round, so every
+        process holds the same tables (for evaluation, checkpoints and the next round)."""
+        return [m.logits for m in self.modules() if isinstance(m, ClientMixtures)]
 
     def on_client_start(self, client_id: int) -> None:
         """Called by the round loop when ``client_id`` starts local training, after the global weights are
