@@ -82,8 +82,9 @@ class FederatedCallback(Callback):
         skip_nonfinite_clients: what a non-finite training loss or client update does. ``False`` (default):
             training stops with a ``FloatingPointError`` naming the client, round and step, and the last
             round-end checkpoint stays the newest (with several processes, every process stops at the end of that
-            round, after the round's collective, so none is left waiting for the others). ``True``: the client's update is dropped from the round
-            (its mixture and private state stay as they were before the round), a warning names it, and
+            round, after the round's collective, so none is left waiting for the others). ``True``: the client's
+            update is dropped from the round (its mixture and private state stay as they were before the round), a
+            warning names it, and
             ``round/skipped_clients`` logs how many were dropped.
 
     A non-finite aggregated weight after the server step always stops training (naming the round and the
@@ -300,14 +301,8 @@ class FederatedCallback(Callback):
             )
             if self.last_sync.failure is not None:
                 rank, client = self.last_sync.failure
-                problem = (
-                    self._failure[1]
-                    if self._failure is not None
-                    else (
-                        f"a non-finite training loss or update of client {client} in round {self.round} (trained on rank "
-                        f"{rank})"
-                    )
-                )
+                elsewhere = f"a non-finite loss or update of client {client} in round {self.round} (on rank {rank})"
+                problem = self._failure[1] if self._failure is not None else elsewhere
                 raise FloatingPointError(_client_failure_message(problem, trainer))
         averages = self._aggregator.result(fallback=self._global)
         self.server.step(self._global, averages)

@@ -239,7 +239,7 @@ class ClientParallelStrategy(DDPStrategy):
             strategy_registry.register(
                 STRATEGY_NAME,
                 cls,
-                description="client-parallel federated rounds: DDP processes without the DistributedDataParallel wrapper",
+                description="federated rounds, clients split across processes (DDP without DistributedDataParallel)",
             )
 
 

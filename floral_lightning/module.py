@@ -23,8 +23,8 @@ from torch import nn
 from .metrics import PerClientMean, adjusted_rand_index, summarize_clients
 from .model import FloralModel
 from .personalized import PersonalizedModel, SharedModel
-from .router import ClientMixtures
 from .pretrained import build_module, save_pretrained
+from .router import ClientMixtures
 from .tasks import Task, get_task
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
