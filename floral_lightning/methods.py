@@ -115,8 +115,10 @@ def per_client_outputs(
 ) -> torch.Tensor:
     """``forward(k, x_k)`` on each client's samples of a mixed batch, put back in batch order."""
     clients = torch.unique(client_ids)
-    if len(clients) == 1:
-        return forward(int(clients[0]), x)
+    if len(clients) <= 1:
+        # an empty batch (a process without evaluation samples, see floral_lightning.distributed) still needs
+        # outputs of the right shape: any client's forward of no samples gives them
+        return forward(int(clients[0]) if len(clients) else 0, x)
     out: torch.Tensor | None = None
     for k in clients.tolist():
         idx = (client_ids == k).nonzero().squeeze(1)
