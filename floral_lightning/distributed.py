@@ -133,7 +133,8 @@ def sync_round(
     rank's ``tables`` hold the rows of every client that trained (each from the rank that trained it).
 
     Args:
-        strategy: the trainer's strategy (its ``all_gather``, ``global_rank`` and ``world_size`` are used).
+        strategy: the trainer's strategy (its ``global_rank`` and ``world_size``; the collective runs on the default
+            process group, which the strategy set up).
         aggregator: this rank's aggregator over its own share of the clients; merged in place.
         tables: the private per-client tensors ``[K, ...]`` (row k is client k's), updated in place.
         shares: every rank's clients this round (:func:`split_clients`), the same on every rank.
@@ -154,7 +155,8 @@ def sync_round(
     mine = [partial[n].to(device) for n in names]
     mine += [t[torch.as_tensor(list(shares[rank]), dtype=torch.long, device=t.device)].to(device) for t in tables]
     buffer = _pack([*mine, status], max(sizes), device)
-    gathered = strategy.all_gather(buffer)  # [world_size, max(sizes)] on every rank
+    gathered = buffer.new_empty((world_size, buffer.numel()))
+    torch.distributed.all_gather(list(gathered.unbind(0)), buffer)  # every rank's buffer, on every rank
     partials, failure = [], None
     for r in range(world_size):
         parts = _unpack(gathered[r], specs(r))
