@@ -164,6 +164,11 @@ class FederatedCallback(Callback):
             )
         if stage != "fit":
             return
+        if trainer.world_size > 1 and not callable(getattr(pl_module, "client_tables", None)):
+            raise ValueError(
+                f"{type(pl_module).__name__} has no client_tables(): with world_size={trainer.world_size} the round "
+                "loop sends each trained client's private rows to every process (see FloralModule.client_tables)"
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("FederatedCallback needs accumulate_grad_batches=1 (a client's steps are its own)")
         if trainer.val_check_interval != 1.0:

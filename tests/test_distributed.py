@@ -126,6 +126,8 @@ def test_the_round_loop_needs_the_client_parallel_strategy_with_several_processe
     ours = L.Trainer(accelerator="cpu", devices=2, strategy="client_parallel", logger=False, enable_checkpointing=False)
     assert isinstance(ours.strategy, ClientParallelStrategy) and ours.world_size == 2
     FederatedCallback().setup(ours, module, "fit")  # accepted
+    with pytest.raises(ValueError, match="LightningModule has no client_tables"):
+        FederatedCallback().setup(ours, L.LightningModule(), "fit")
 
 
 @pytest.mark.parametrize(
