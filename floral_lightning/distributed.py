@@ -184,8 +184,9 @@ class ClientParallelStrategy(DDPStrategy):
 
     - at set-up, the module's weights are broadcast from rank 0, so every rank starts from the same model;
     - a padding batch of a round loader (``floral_lightning.data.federated.is_padding``) is a no-op step: the
-      module's ``training_step``, the backward, the step hooks and the optimizer step are all skipped (the
-      padding only keeps Lightning's per-step collective in step across ranks);
+      module's ``training_step``, the optimizer's step hooks and the optimizer step are skipped, and the
+      backward of a constant zero reaches no parameter (the padding only keeps Lightning's per-step collective
+      in step across ranks);
     - evaluation loaders are sharded (``set_shard``): each rank evaluates a block of clients.
 
     The round-end collective is the round loop's (``callbacks.FederatedCallback`` calls :func:`sync_round`).
