@@ -8,6 +8,8 @@ end-to-end tests launch ``tests/distributed_run.py`` on 1 and 2 CPU processes (g
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +22,14 @@ import torch
 from callbacks import FederatedCallback
 from floral_lightning.aggregation import ClientUpdate, StreamingAggregator, aggregate
 from floral_lightning.cli import select_client_parallel
-from floral_lightning.data.federated import ClientEvalLoader, ClientTensors, RoundLoader, is_padding
+from floral_lightning.data.federated import (
+    ClientEvalLoader,
+    ClientTensors,
+    DatasetEvalLoader,
+    DatasetRoundLoader,
+    RoundLoader,
+    is_padding,
+)
 from floral_lightning.distributed import ClientParallelStrategy, contiguous_shard, split_clients
 from floral_lightning.methods import LocalAdaptorModule
 from floral_lightning.module import FloralModule
@@ -106,6 +115,28 @@ def test_evaluation_shards_together_serve_every_sample_once():
     loader.set_shard(2, 4)  # sizes 7, 5, 0, 8: rank 2 of 4 gets client 2, which has no sample: one empty batch
     ((x, y, ids),) = list(loader)
     assert loader.shard_clients == range(2, 3) and len(loader) == 1 and len(x) == len(y) == len(ids) == 0
+
+
+def test_dataset_loaders_pad_and_shard_like_the_tensor_ones():
+    datasets = [
+        torch.utils.data.TensorDataset(torch.arange(a, b, dtype=torch.float32)[:, None], torch.arange(a, b))
+        for a, b in ((0, 7), (7, 12), (12, 20))
+    ]
+    loader = DatasetRoundLoader(datasets, batch_size=3, seed=1)
+    loader.set_round(2, [0, 2])
+    plain = list(loader)
+    loader.set_round(2, [0, 2], padding_batches=1)
+    padded = list(loader)
+    assert len(loader) == len(padded) == len(plain) + 1 and is_padding(padded[0])
+    assert all(torch.equal(a[1], b[1]) and a[2] == b[2] for a, b in zip(plain, padded[1:]))
+    loader.set_round(3, [], padding_batches=2)  # a process that trains nobody this round
+    assert [is_padding(b) for b in loader] == [True, True]
+    served = []
+    for rank in range(2):
+        evaluation = DatasetEvalLoader(datasets, batch_size=4)
+        evaluation.set_shard(rank, 2)
+        served += [y for _, y, _ in evaluation]
+    assert torch.equal(torch.cat(served), torch.arange(20))
 
 
 @pytest.mark.parametrize("cls", [FloralModule, LocalAdaptorModule])
@@ -214,3 +245,22 @@ def test_a_non_finite_client_on_one_rank_stops_every_rank(tmp_path):
     done = launch(tmp_path, "nan", 2, "--nan-round", "1", check=False)  # the timeout would catch a hang
     assert done.returncode != 0
     assert "FloatingPointError" in done.stderr and "client 0 in round 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_distributed_benchmark_runs_and_records_every_figure(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.distributed", "--quick", "--out", str(out)],
+        cwd=SCRIPT.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| mnist_label_shift (30 clients) |" in done.stdout
+    (task,) = json.loads(out.read_text())["results"].values()
+    # no speed assertion (the machine's load decides): every figure is there, finite and positive
+    figures = [*task["round_seconds"].values(), task["ratio_2_vs_1"], task["sync_share"], task["transfer_share"]]
+    assert len(task["round_seconds"]) == 3 and all(math.isfinite(f) and f > 0 for f in figures)
+    assert task["bytes_sent_per_round_per_rank"] == task["bytes_received_per_round_per_rank"] > 0
