@@ -263,4 +263,4 @@ def test_the_distributed_benchmark_runs_and_records_every_figure(tmp_path):
     # no speed assertion (the machine's load decides): every figure is there, finite and positive
     figures = [*task["round_seconds"].values(), task["ratio_2_vs_1"], task["sync_share"], task["transfer_share"]]
     assert len(task["round_seconds"]) == 3 and all(math.isfinite(f) and f > 0 for f in figures)
-    assert task["bytes_sent_per_round_per_rank"] == task["bytes_received_per_round_per_rank"] > 0
+    assert task["bytes_sent_per_round_per_rank"] > 0 and task["bytes_received_per_round_per_rank"] > 0
