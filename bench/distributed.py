@@ -3,6 +3,7 @@
     python -m bench.distributed                 # MNIST label shift (30 clients/round) and the CIFAR CNN (20)
     python -m bench.distributed --quick         # MNIST only, fewer rounds
     python -m bench.distributed --out PATH      # default: bench/results_distributed.json
+    python -m bench --only distributed          # the same figures in the suite's table (not in its default run)
 
 Each configuration is a separate ``train.py fit``-equivalent run (``floral_lightning.cli.main``) in fresh processes:
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, machine_info
+from bench.common import ROOT, Figure, Section, machine_info
 
 TASKS = {
     # name: (bench.tasks task, clients per round, 2-process / 1-process target)
@@ -114,19 +115,10 @@ def run_config(task: str, devices: int, threads: int, rounds: int) -> dict:
         return json.loads(out.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.distributed")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results_distributed.json"))
-    parser.add_argument("--worker", nargs=5, metavar=("TASK", "DEVICES", "THREADS", "ROUNDS", "OUT"))
-    args = parser.parse_args(argv)
-    if args.worker:
-        task, devices, threads, rounds, out = args.worker
-        worker(task, int(devices), int(threads), int(rounds), out)
-        return
-    tasks = ["mnist_label_shift"] if args.quick else list(TASKS)
-    rounds, blocks = (3, 1) if args.quick else (5, 2)
-    info = machine_info()
+def measure(quick: bool) -> dict:
+    """Every task's round times, collective costs and bytes (see the module docstring)."""
+    tasks = ["mnist_label_shift"] if quick else list(TASKS)
+    rounds, blocks = (3, 1) if quick else (5, 2)
     results: dict = {}
     for task in tasks:
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
@@ -138,20 +130,70 @@ def main(argv: list[str] | None = None) -> None:
         two = runs["2 processes x 1 thread"]
         syncs = [s for r in two for s in r["syncs"]]
         single = min(seconds["1 process x 1 thread"], seconds["1 process x 2 threads"])
+        sync = statistics.median(s["s"] for s in syncs)
+        transfer = statistics.median(r["transfer"] for r in two)
         results[task] = {
             "clients_per_round": TASKS[task][1],
             "round_seconds": seconds,
             "ratio_2_vs_1": seconds["2 processes x 1 thread"] / single,
             "ratio_target": TASKS[task][2],
-            "sync_seconds": statistics.median(s["s"] for s in syncs),
-            "sync_share": statistics.median(s["s"] for s in syncs) / seconds["2 processes x 1 thread"],
-            "transfer_seconds": statistics.median(r["transfer"] for r in two),
-            "transfer_share": statistics.median(r["transfer"] for r in two) / seconds["2 processes x 1 thread"],
+            "sync_seconds": sync,
+            "sync_share": sync / seconds["2 processes x 1 thread"],
+            "transfer_seconds": transfer,
+            "transfer_share": transfer / seconds["2 processes x 1 thread"],
             "collective_target": COLLECTIVE_TARGET,
             "bytes_sent_per_round_per_rank": syncs[-1]["sent"],
             "bytes_received_per_round_per_rank": syncs[-1]["received"],
             "timed_rounds_per_config": rounds * blocks,
         }
+    return results
+
+
+def run(quick: bool = False) -> list[Section]:
+    """The ``distributed`` section of ``python -m bench`` (opt-in: ``--only distributed``)."""
+    results = measure(quick)
+    figures = []
+    for task, r in results.items():
+        figures += [
+            Figure(
+                f"{task}: round, 2 processes x 1 thread / best 1 process",
+                r["round_seconds"]["2 processes x 1 thread"],
+                "s",
+                r["ratio_2_vs_1"],
+                r["ratio_target"],
+                detail={"round_seconds": r["round_seconds"]},
+            ),
+            Figure(
+                f"{task}: round-end collective / round (2 processes, incl. waiting for the other)",
+                r["sync_seconds"],
+                "s",
+                r["sync_share"],
+                COLLECTIVE_TARGET,
+                detail={"transfer_seconds": r["transfer_seconds"], "transfer_share": r["transfer_share"]},
+            ),
+            Figure(
+                f"{task}: bytes sent per round per process",
+                r["bytes_sent_per_round_per_rank"],
+                "B",
+                detail={"received": r["bytes_received_per_round_per_rank"]},
+            ),
+        ]
+    method = __doc__.split("\n\n", 2)[2]
+    return [Section("distributed", figures, method, params={"quick": quick, "results": results})]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.distributed")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results_distributed.json"))
+    parser.add_argument("--worker", nargs=5, metavar=("TASK", "DEVICES", "THREADS", "ROUNDS", "OUT"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        task, devices, threads, rounds, out = args.worker
+        worker(task, int(devices), int(threads), int(rounds), out)
+        return
+    info = machine_info()
+    results = measure(args.quick)
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
