@@ -391,11 +391,21 @@ class FloralModule(L.LightningModule):
 
     def client_tables(self) -> list[torch.Tensor]:
         """Every private per-client tensor ``[K, ...]`` that local training changes, row k being client k's: the
-        router logits of every ``ClientMixtures`` in the module; methods with more private state (local adaptors,
-        Ditto's personal models) add their tables. With several processes the round loop sends each trained
-        client's rows from the process that trained it to all the others at the end of the round, so every
-        process holds the same tables (for evaluation, checkpoints and the next round)."""
-        return [m.logits for m in self.modules() if isinstance(m, ClientMixtures)]
+        model's tensors of role ``private`` and the logits of every ``ClientMixtures`` in the module; methods with
+        more private state (local adaptors, Ditto's personal models) add their tables. With several processes the
+        round loop sends each trained client's rows from the process that trained it to all the others at the
+        end of the round, so every process holds the same tables (for evaluation, checkpoints and the next round).
+        """
+        roles = self.model.roles
+        tables = {id(t): t for n, t in self.model.named_tensors() if roles[n] == "private"}
+        tables.update({id(m.logits): m.logits for m in self.modules() if isinstance(m, ClientMixtures)})
+        for name, tensor in self.model.named_tensors():
+            if id(tensor) in tables and (tensor.dim() == 0 or tensor.shape[0] != self.num_clients):
+                raise ValueError(
+                    f"private tensor {name} has shape {tuple(tensor.shape)}, not one row per client "
+                    f"(num_clients={self.num_clients}); override client_tables() to say what each client owns"
+                )
+        return list(tables.values())
 
     def on_client_start(self, client_id: int) -> None:
         """Called by the round loop when ``client_id`` starts local training, after the global weights are

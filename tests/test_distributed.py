@@ -139,6 +139,29 @@ def test_dataset_loaders_pad_and_shard_like_the_tensor_ones():
     assert torch.equal(torch.cat(served), torch.arange(20))
 
 
+def test_client_tables_are_the_private_tensors_one_row_per_client():
+    floral = FloralModule(base=MLP, num_clients=4, num_adaptors=2)
+    (logits,) = floral.client_tables()
+    assert logits is floral.model.router.logits and logits.shape == (4, 2)
+    local = LocalAdaptorModule(base=MLP, num_clients=4)
+    tables = local.client_tables()
+    assert {id(t) for t in local.client_states.buffers()} <= {id(t) for t in tables}
+    assert all(t.shape[0] == 4 for t in tables)
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(10, 3)
+            self.scale = torch.nn.Parameter(torch.ones(3))  # private, but not per client
+
+    odd = FloralModule(base=MLP, num_clients=4, num_adaptors=0)
+    odd.model.extra = Shared()
+    odd.model._roles.update({f"extra.{n}": "shared" for n, _ in odd.model.extra.named_parameters()})
+    odd.model._roles["extra.scale"] = "private"
+    with pytest.raises(ValueError, match=r"private tensor extra.scale has shape \(3,\)"):
+        odd.client_tables()
+
+
 @pytest.mark.parametrize("cls", [FloralModule, LocalAdaptorModule])
 def test_an_empty_evaluation_batch_counts_nothing(cls):
     module = cls(base=MLP, num_clients=4, **({"num_adaptors": 2} if cls is FloralModule else {}))
