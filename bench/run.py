@@ -14,7 +14,9 @@ Sections (each module's docstring says exactly how it measures):
 - ``tasks`` (bench/tasks.py): s/round of every shipped task, FLoRAL and FedAvg, Trainer and hand-written floor;
 - ``evaluation`` (bench/evaluation.py): all clients' test sets with per-sample mixtures / one FedAvg model;
 - ``scaling`` (bench/scaling.py): round time and memory as registered and sampled clients grow;
-- ``startup`` (bench/startup.py): launching ``train.py fit`` to its first training step.
+- ``startup`` (bench/startup.py): launching ``train.py fit`` to its first training step;
+- ``distributed`` (bench/distributed.py, only with ``--only distributed``): round time with 1 and 2 CPU
+  processes, the round-end collective's share of a round and its bytes.
 
 Every timing is a median over interleaved repeats after a warm-up (``time.perf_counter``; process CPU time
 is recorded beside it). The suite runs torch with ONE intra-op thread by default: on a machine where other
@@ -41,6 +43,8 @@ import torch
 from bench.common import ROOT, Section, bench_command, machine_info, quiet_lightning
 
 SECTIONS = ("layers", "round", "fedavg_vs_floral", "tasks", "evaluation", "scaling", "startup")
+#: sections run only when named with --only (they launch several processes per configuration)
+OPT_IN = ("distributed",)
 
 
 def _layers(quick: bool) -> list[Section]:
@@ -73,6 +77,12 @@ def _scaling(quick: bool) -> list[Section]:
     return [scaling.run(quick)]
 
 
+def _distributed(quick: bool) -> list[Section]:
+    from bench import distributed
+
+    return distributed.run(quick)
+
+
 def _startup(quick: bool) -> list[Section]:
     from bench import startup
 
@@ -87,6 +97,7 @@ RUNNERS: list[tuple[tuple[str, ...], Callable[[bool], list[Section]]]] = [
     (("evaluation",), _evaluation),
     (("scaling",), _scaling),
     (("startup",), _startup),
+    (("distributed",), _distributed),
 ]
 
 
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
-    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION", help=f"one of {SECTIONS}")
+    choices = SECTIONS + OPT_IN
+    parser.add_argument("--only", action="append", choices=choices, metavar="SECTION", help=f"one of {choices}")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="where to write the JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0: torch's default")
     args = parser.parse_args(argv)

@@ -13,6 +13,11 @@ Clients for round t+1 are chosen when round t ends (and for the first round in `
 Lightning asks the loader for its length before ``on_train_epoch_start``; the callback therefore has the
 trainer reload the train loader every epoch. A client's mixture lives in the model's router table and
 changes only when that client trains.
+
+With several processes (``strategy="client_parallel"``, see ``floral_lightning.distributed``) every rank runs this
+loop: it samples the same clients, trains its share of them (``split_clients``), and at the round's end one
+collective (``sync_round``) gives every rank the whole round's aggregation sums and the trained clients' private
+rows, so every rank takes the same server step.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 
 from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
+from floral_lightning.data.federated import is_padding
+from floral_lightning.distributed import ClientParallelStrategy, RoundSync, split_clients, sync_round
 from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
 
 
@@ -54,9 +61,11 @@ class FederatedCallback(Callback):
     """Runs FLoRAL/FedAvg rounds: client sampling, per-client weight reset, aggregation, server step.
 
     Works with a ``FloralModule`` (or any module with ``federated_state``, ``federated_roles``,
-    ``client_logits``, ``on_client_start`` and ``on_client_end``) and a data module that has
-    ``num_clients``, ``train_sizes`` and a train loader with ``set_round(round_idx, clients)``
-    (``FederatedDataModule``). The number of rounds is ``trainer.max_epochs``.
+    ``client_logits``, ``on_client_start`` and ``on_client_end``; with several processes also ``client_tables``)
+    and a data module that has ``num_clients``, ``train_sizes`` and a train loader with
+    ``set_round(round_idx, clients, padding_batches)`` and ``num_batches(client_id)`` (``FederatedDataModule``).
+    The number of rounds is ``trainer.max_epochs``. Several processes need ``strategy="client_parallel"``
+    (the CLI selects it); other multi-process strategies are refused by name.
 
     Args:
         clients_per_round: clients sampled each round: a count, or a fraction of all clients.
@@ -72,8 +81,10 @@ class FederatedCallback(Callback):
         server_eps: epsilon (tau) of the adaptive server optimizers (``None``: 1e-3).
         skip_nonfinite_clients: what a non-finite training loss or client update does. ``False`` (default):
             training stops with a ``FloatingPointError`` naming the client, round and step, and the last
-            round-end checkpoint stays the newest. ``True``: the client's update is dropped from the round
-            (its mixture and private state stay as they were before the round), a warning names it, and
+            round-end checkpoint stays the newest (with several processes, every process stops at the end of that
+            round, after the round's collective, so none is left waiting for the others). ``True``: the client's
+            update is dropped from the round (its mixture and private state stay as they were before the round), a
+            warning names it, and
             ``round/skipped_clients`` logs how many were dropped.
 
     A non-finite aggregated weight after the server step always stops training (naming the round and the
@@ -118,6 +129,11 @@ class FederatedCallback(Callback):
         self._logits_before: torch.Tensor | None = None
         self._nonfinite_loss: str | None = None
         self._skipped: list[int] = []
+        # several processes: every rank's clients this round, the first failure of this rank's clients (client,
+        # message), and what the last round-end collective did
+        self._shares: list[list[int]] | None = None
+        self._failure: tuple[int, str] | None = None
+        self.last_sync: RoundSync | None = None
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -138,14 +154,20 @@ class FederatedCallback(Callback):
     # --- set-up ------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         refuse_round_changing_settings(trainer)
+        if trainer.world_size != 1 and not isinstance(trainer.strategy, ClientParallelStrategy):
+            # DDP-like strategies all-reduce gradients at every local step, averaging different clients' updates
+            # (and hang on their unequal batch counts); evaluation would count every sample once per process
+            raise ValueError(
+                f"FederatedCallback with world_size={trainer.world_size} needs trainer.strategy=client_parallel (each "
+                f"process trains its share of a round's clients), got {type(trainer.strategy).__name__}; the CLI "
+                "selects it when trainer.strategy is left at auto"
+            )
         if stage != "fit":
             return
-        if trainer.world_size != 1:
-            # Clients train one after another in one process; splitting a client's batches across processes
-            # would need the aggregation and the sampler state kept in step across them, which is not built.
+        if trainer.world_size > 1 and not callable(getattr(pl_module, "client_tables", None)):
             raise ValueError(
-                f"FederatedCallback runs the round loop in one process, got world_size={trainer.world_size}; "
-                "set trainer.devices=1 and trainer.num_nodes=1"
+                f"{type(pl_module).__name__} has no client_tables(): with world_size={trainer.world_size} the round "
+                "loop sends each trained client's private rows to every process (see FloralModule.client_tables)"
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("FederatedCallback needs accumulate_grad_batches=1 (a client's steps are its own)")
@@ -180,15 +202,26 @@ class FederatedCallback(Callback):
     def _start_round(self, trainer: L.Trainer) -> None:
         num_clients = int(trainer.datamodule.num_clients)
         self.clients = sample_clients(num_clients, self.clients_per_round, self.seed, self.round)
-        self._loader.set_round(self.round, self.clients)
+        if trainer.world_size > 1:
+            # every rank computes the same split; the ranks with fewer batches pad up to the busiest one's count
+            costs = {k: self._loader.num_batches(k) for k in self.clients}
+            self._shares = split_clients(self.clients, costs, trainer.world_size)
+            loads = [sum(costs[k] for k in share) for share in self._shares]
+            rank = trainer.global_rank
+            self._loader.set_round(self.round, self._shares[rank], padding_batches=max(loads) - loads[rank])
+        else:
+            self._loader.set_round(self.round, self.clients)
         self._aggregator = StreamingAggregator(self._global, self._roles)
         self._active_client = None
         self._skipped = []
+        self._failure = None
 
     # --- one client at a time ----------------------------------------------------------------------------
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if is_padding(batch):
+            return
         client_id = int(batch[-1])
         if client_id == self._active_client:
             return
@@ -237,16 +270,22 @@ class FederatedCallback(Callback):
         """Stop the run on a non-finite loss or update of the active client, or (skipping) warn about it."""
         where = f"client {self._active_client} in round {self.round} (global step {trainer.global_step})"
         if not self.skip_nonfinite_clients:
-            raise FloatingPointError(
-                f"{problem} of {where}. Training stopped; {_last_good_checkpoint(trainer)}. Lower the learning "
-                "rate (model.init_args.optimizer.lr), or set federated.skip_nonfinite_clients=true to drop such "
-                "clients' updates instead"
-            )
+            if self._shares is not None:
+                # several processes: raising here would leave the other ranks waiting in the round's collective;
+                # the failure travels with it and every rank stops there (_finish_round)
+                if self._failure is None:
+                    self._failure = (self._active_client, f"{problem} of {where}")
+                return
+            raise FloatingPointError(_client_failure_message(f"{problem} of {where}", trainer))
         warnings.warn(f"{problem} of {where}: its update is dropped from the round", stacklevel=2)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if is_padding(batch):
+            if batch_idx + 1 == trainer.num_training_batches:  # a rank that trains no client this round
+                self._finish_round(trainer, pl_module)
+            return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if self._nonfinite_loss is None and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
             self._nonfinite_loss = f"non-finite training loss ({loss.item()}) at local step {self._local_step}"
@@ -260,6 +299,16 @@ class FederatedCallback(Callback):
 
     def _finish_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Aggregate, take the server step, load the new global weights, and sample the next round."""
+        if self._shares is not None:
+            failed = None if self._failure is None else self._failure[0]
+            self.last_sync = sync_round(
+                trainer.strategy, self._aggregator, pl_module.client_tables(), self._shares, failed
+            )
+            if self.last_sync.failure is not None:
+                rank, client = self.last_sync.failure
+                elsewhere = f"a non-finite loss or update of client {client} in round {self.round} (on rank {rank})"
+                problem = self._failure[1] if self._failure is not None else elsewhere
+                raise FloatingPointError(_client_failure_message(problem, trainer))
         averages = self._aggregator.result(fallback=self._global)
         self.server.step(self._global, averages)
         bad = [name for name, tensor in self._global.items() if not bool(torch.isfinite(tensor).all())]
@@ -274,7 +323,7 @@ class FederatedCallback(Callback):
             torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
         pl_module.log("round/clients", float(self._aggregator.num_clients), on_step=False, on_epoch=True, batch_size=1)
         if self.skip_nonfinite_clients:
-            skipped = float(len(self._skipped))
+            skipped = float(len(self.clients) - self._aggregator.num_clients)  # on every rank, all ranks' skips
             pl_module.log("round/skipped_clients", skipped, on_step=False, on_epoch=True, batch_size=1)
         self.round += 1
         self._start_round(trainer)
@@ -366,6 +415,15 @@ def _nonfinite_update(state: dict[str, torch.Tensor], logits: torch.Tensor) -> s
     if not bad:
         return None
     return f"non-finite weights {bad[:5]}{' ...' if len(bad) > 5 else ''} in the update"
+
+
+def _client_failure_message(problem: str, trainer: L.Trainer) -> str:
+    """The message of a run stopped by a client's non-finite loss or update."""
+    return (
+        f"{problem}. Training stopped; {_last_good_checkpoint(trainer)}. Lower the learning rate "
+        "(model.init_args.optimizer.lr), or set federated.skip_nonfinite_clients=true to drop such clients' "
+        "updates instead"
+    )
 
 
 def _last_good_checkpoint(trainer: L.Trainer) -> str:

@@ -14,7 +14,7 @@ model whatever the number of clients; ``aggregate`` is the same rule applied to 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +57,7 @@ class StreamingAggregator:
         if unknown:
             raise ValueError(f"tensors {sorted(unknown)} have no federated role (expected 'shared' or 'adaptor')")
         self._sums = {n: torch.zeros_like(template[n]) for n in self._shared + self._adaptor}
+        self._no_max = {n: torch.zeros_like(template[n]) for n in self._integer}  # partial_state before any client
         self._max: dict[str, torch.Tensor] = {}
         self._shared_total = 0.0
         self._adaptor_total: torch.Tensor | None = None
@@ -80,6 +81,49 @@ class StreamingAggregator:
             self._max[k] = state[k].clone() if k not in self._max else torch.maximum(self._max[k], state[k])
         self._shared_total += n
         self.num_clients += 1
+
+    def partial_state(self) -> dict[str, torch.Tensor]:
+        """The running sums, normalisers, integer maxima and client count as tensors whose names and shapes depend
+        only on the template (zeros before any client), so that aggregators over disjoint shares of a round's
+        clients, in several processes, can be combined with :meth:`merge`."""
+        some = next(iter(self._sums.values()), None)
+        device = some.device if some is not None else None
+        out = {f"sum.{n}": s for n, s in self._sums.items()}
+        out["shared_total"] = torch.tensor([self._shared_total], dtype=torch.float64, device=device)
+        if self._adaptor:
+            num_adaptors = self._sums[self._adaptor[0]].shape[0]
+            zeros = torch.zeros(num_adaptors, dtype=torch.float32, device=device)
+            out["adaptor_total"] = zeros if self._adaptor_total is None else self._adaptor_total.to(zeros)
+        out.update({f"max.{n}": self._max.get(n, self._no_max[n]) for n in self._integer})
+        out["num_clients"] = torch.tensor([self.num_clients], dtype=torch.int64, device=device)
+        return out
+
+    @torch.no_grad()
+    def merge(self, partials: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Become the aggregator of all clients of ``partials`` (each a :meth:`partial_state` of an aggregator over
+        the same template): the sums and normalisers added in the given order, the integer maxima taken over the
+        partials that saw a client. This aggregator's own state is replaced (include it in ``partials``)."""
+        if not partials:
+            raise ValueError("merge needs at least one partial state (this aggregator's own included)")
+        seen = [p for p in partials if int(p["num_clients"]) > 0]
+        for name, own in self._sums.items():
+            total = partials[0][f"sum.{name}"].to(own, copy=True)
+            for p in partials[1:]:
+                total += p[f"sum.{name}"].to(own)
+            self._sums[name] = total
+        self._shared_total = float(sum(float(p["shared_total"]) for p in partials))
+        if self._adaptor and seen:
+            total = partials[0]["adaptor_total"].clone()
+            for p in partials[1:]:
+                total = total + p["adaptor_total"].to(total)
+            self._adaptor_total = total
+        self._max = {}
+        for name in self._integer:
+            for p in seen:
+                value = p[f"max.{name}"]
+                known = self._max.get(name)
+                self._max[name] = value.clone() if known is None else torch.maximum(known, value.to(known))
+        self.num_clients = sum(int(p["num_clients"]) for p in partials)
 
     @torch.no_grad()
     def result(self, fallback: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -66,6 +66,7 @@ class FloralCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        select_client_parallel(config["trainer"])
         optimizer = config.get("optimizer")
         if optimizer:
             raise ValueError(
@@ -111,6 +112,27 @@ class FloralCLI(LightningCLI):
             if isinstance(callback, RunReport):
                 callback.hyperparameters = run_options(config.as_dict())
         return trainer
+
+
+def select_client_parallel(trainer: Any) -> None:
+    """Choose ``trainer.strategy=client_parallel`` (``floral_lightning.distributed``) when the trainer config asks for
+    more than one process (``devices`` a count > 1, -1, or several device ids; or ``num_nodes`` > 1) and leaves
+    the strategy at ``auto``: Lightning's own choice, DDP, would all-reduce gradients across different clients.
+    ``devices="auto"`` is left alone (one process on CPU); a strategy the user names is kept."""
+    if trainer["strategy"] != "auto":
+        return
+    devices = trainer["devices"]
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    several = (
+        (isinstance(devices, int) and (devices > 1 or devices == -1))
+        or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+        or int(trainer["num_nodes"] or 1) > 1
+    )
+    if several:
+        trainer["strategy"] = "client_parallel"
 
 
 def resolve_resume(config: Any, subcommand: str) -> Any:

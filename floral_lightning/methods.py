@@ -115,8 +115,10 @@ def per_client_outputs(
 ) -> torch.Tensor:
     """``forward(k, x_k)`` on each client's samples of a mixed batch, put back in batch order."""
     clients = torch.unique(client_ids)
-    if len(clients) == 1:
-        return forward(int(clients[0]), x)
+    if len(clients) <= 1:
+        # an empty batch (a process without evaluation samples, see floral_lightning.distributed) still needs
+        # outputs of the right shape: any client's forward of no samples gives them
+        return forward(int(clients[0]) if len(clients) else 0, x)
     out: torch.Tensor | None = None
     for k in clients.tolist():
         idx = (client_ids == k).nonzero().squeeze(1)
@@ -202,6 +204,10 @@ class LocalAdaptorModule(FloralModule):
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.client_states.client(client_id), strict=False)
         return model.client_network(client_id).eval()
+
+    def client_tables(self) -> list[torch.Tensor]:
+        """The router's logits and every client's stored private tensors (``client_states``)."""
+        return [*super().client_tables(), *self.client_states.buffers()]
 
     def on_client_start(self, client_id: int) -> None:
         super().on_client_start(client_id)
@@ -366,6 +372,10 @@ class DittoModule(FloralModule):
         personal = copy.deepcopy(self.personal)
         personal.load_state_dict(self.client_states.client(client_id), strict=False)
         return personal.client_network(client_id).eval()
+
+    def client_tables(self) -> list[torch.Tensor]:
+        """The router's logits and every client's stored private tensors (``client_states``)."""
+        return [*super().client_tables(), *self.client_states.buffers()]
 
     def on_client_start(self, client_id: int) -> None:
         super().on_client_start(client_id)

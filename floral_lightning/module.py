@@ -24,6 +24,7 @@ from .metrics import PerClientMean, adjusted_rand_index, summarize_clients
 from .model import FloralModel
 from .personalized import PersonalizedModel, SharedModel
 from .pretrained import build_module, save_pretrained
+from .router import ClientMixtures
 from .tasks import Task, get_task
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
@@ -387,6 +388,24 @@ class FloralModule(L.LightningModule):
     def client_mixtures(self) -> torch.Tensor | None:
         """All clients' mixtures ``softmax(theta / T)`` [K, C] (rows sum to 1), or ``None`` for FedAvg."""
         return self.model.client_mixtures()
+
+    def client_tables(self) -> list[torch.Tensor]:
+        """Every private per-client tensor ``[K, ...]`` that local training changes, row k being client k's: the
+        model's tensors of role ``private`` and the logits of every ``ClientMixtures`` in the module; methods with
+        more private state (local adaptors, Ditto's personal models) add their tables. With several processes the
+        round loop sends each trained client's rows from the process that trained it to all the others at the
+        end of the round, so every process holds the same tables (for evaluation, checkpoints and the next round).
+        """
+        roles = self.model.roles
+        tables = {id(t): t for n, t in self.model.named_tensors() if roles[n] == "private"}
+        tables.update({id(m.logits): m.logits for m in self.modules() if isinstance(m, ClientMixtures)})
+        for name, tensor in self.model.named_tensors():
+            if id(tensor) in tables and (tensor.dim() == 0 or tensor.shape[0] != self.num_clients):
+                raise ValueError(
+                    f"private tensor {name} has shape {tuple(tensor.shape)}, not one row per client "
+                    f"(num_clients={self.num_clients}); override client_tables() to say what each client owns"
+                )
+        return list(tables.values())
 
     def on_client_start(self, client_id: int) -> None:
         """Called by the round loop when ``client_id`` starts local training, after the global weights are

@@ -197,7 +197,10 @@ def test_seed_none_follows_seed_everything():
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, r"world_size=2; set trainer.devices=1"),
+        (
+            {"accelerator": "cpu", "devices": 2, "strategy": "ddp"},
+            r"world_size=2 needs trainer.strategy=client_parallel .*got DDPStrategy",
+        ),
         ({"accumulate_grad_batches": 2}, r"accumulate_grad_batches=1"),
         ({"val_check_interval": 0.5}, r"val_check_interval=0.5: .* use check_val_every_n_epoch"),
     ],

@@ -101,7 +101,81 @@ class BatchPrep:
         return out
 
 
-class RoundLoader:
+#: the client id of a padding batch (see :class:`_RoundSchedule`): no client trains on it
+PADDING_CLIENT = -1
+
+
+def is_padding(batch: Any) -> bool:
+    """Whether ``batch`` is a padding batch of a round loader (client id :data:`PADDING_CLIENT`)."""
+    return (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 3
+        and isinstance(batch[2], int)
+        and batch[2] == PADDING_CLIENT
+    )
+
+
+class _RoundSchedule:
+    """What the round loaders share: the round number, its clients in order, their batch counts, and the
+    padding batches that keep processes in step.
+
+    With several processes (``floral_lightning.distributed``), each trains its share of a round's clients, and
+    Lightning runs one collective per training step in every process; a process with fewer batches than the
+    busiest one therefore yields ``padding_batches`` padding batches ``(empty, empty, PADDING_CLIENT)`` first, on
+    which nothing trains. They come first so that the round's last batch is a real one wherever there is one.
+    Subclasses set ``batch_size`` and ``local_epochs``, call :meth:`_start_schedule`, and define
+    :meth:`_client_size` and :meth:`_real_batches`.
+    """
+
+    batch_size: int
+    local_epochs: int
+
+    def _start_schedule(self, num_clients: int) -> None:
+        self._num_clients = num_clients
+        self.round_idx = 0
+        self._clients = list(range(num_clients))
+        self.padding_batches = 0
+
+    def _client_size(self, client_id: int) -> int:
+        raise NotImplementedError
+
+    def _real_batches(self, round_idx: int, clients: list[int]) -> Iterator[tuple[Any, Any, int]]:
+        raise NotImplementedError
+
+    def set_round(self, round_idx: int, clients: Sequence[int], padding_batches: int = 0) -> None:
+        """Select the round number (for seeding), the clients that train in it (in order) and the number of
+        padding batches yielded before them (0 in a single process)."""
+        ids = [int(k) for k in clients]
+        bad = [k for k in ids if not 0 <= k < self._num_clients]
+        if bad:
+            raise ValueError(f"clients {bad} out of range; valid ids are 0..{self._num_clients - 1}")
+        if padding_batches < 0:
+            raise ValueError(f"padding_batches={padding_batches}: must be >= 0")
+        self.round_idx = int(round_idx)
+        self._clients = ids
+        self.padding_batches = int(padding_batches)
+
+    @property
+    def clients(self) -> list[int]:
+        """The clients of the current round, in training order."""
+        return list(self._clients)
+
+    def num_batches(self, client_id: int) -> int:
+        """``ceil(n_k / batch_size) * local_epochs``."""
+        return math.ceil(self._client_size(client_id) / self.batch_size) * self.local_epochs
+
+    def __len__(self) -> int:
+        return self.padding_batches + sum(self.num_batches(k) for k in self._clients)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
+        # snapshot the round so a set_round during iteration cannot mix two rounds
+        round_idx, clients = self.round_idx, list(self._clients)
+        for _ in range(self.padding_batches):
+            yield torch.zeros(0), torch.zeros(0), PADDING_CLIENT
+        yield from self._real_batches(round_idx, clients)
+
+
+class RoundLoader(_RoundSchedule):
     """The training batches of one federated round: each sampled client's shuffled data in turn.
 
     Yields ``(x, y, k)`` with ``k`` a plain ``int``; a client's batches are contiguous and the last partial
@@ -125,34 +199,14 @@ class RoundLoader:
         self.prep = prep or BatchPrep()
         self.seed = seed
         self.local_epochs = local_epochs
-        self.round_idx = 0
-        self._clients = list(range(data.num_clients))
+        self._start_schedule(data.num_clients)
 
-    def set_round(self, round_idx: int, clients: Sequence[int]) -> None:
-        """Select the round number (for seeding) and the clients that train in it, in order."""
-        ids = [int(k) for k in clients]
-        bad = [k for k in ids if not 0 <= k < self.data.num_clients]
-        if bad:
-            raise ValueError(f"clients {bad} out of range; valid ids are 0..{self.data.num_clients - 1}")
-        self.round_idx = int(round_idx)
-        self._clients = ids
-
-    @property
-    def clients(self) -> list[int]:
-        """The clients of the current round, in training order."""
-        return list(self._clients)
-
-    def num_batches(self, client_id: int) -> int:
-        """``ceil(n_k / batch_size) * local_epochs``."""
+    def _client_size(self, client_id: int) -> int:
         lo, hi = self.data.bounds(client_id)
-        return math.ceil((hi - lo) / self.batch_size) * self.local_epochs
+        return hi - lo
 
-    def __len__(self) -> int:
-        return sum(self.num_batches(k) for k in self._clients)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        # snapshot the round so a set_round during iteration cannot mix two rounds
-        round_idx, clients, bs = self.round_idx, list(self._clients), self.batch_size
+    def _real_batches(self, round_idx: int, clients: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        bs = self.batch_size
         for k in clients:
             lo, hi = self.data.bounds(k)
             for epoch in range(self.local_epochs):
@@ -163,7 +217,37 @@ class RoundLoader:
                     yield self.prep(self.data.x[idx], g), self.data.y[idx], k
 
 
-class ClientEvalLoader:
+class _EvalShard:
+    """What the evaluation loaders share: the contiguous block of clients this process evaluates.
+
+    Without :meth:`set_shard` a loader serves every client. With several processes each serves a block of
+    consecutive clients holding about ``1 / world_size`` of the samples
+    (:func:`floral_lightning.distributed.contiguous_shard`); a process whose block holds no sample serves one
+    empty batch, so that it still takes part in the evaluation's reduction of the per-client metrics.
+    Subclasses have ``data.offsets`` (the first row of every client, and the total).
+    """
+
+    data: Any
+    _shard: tuple[int, int] | None = None
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Serve the clients of process ``rank`` out of ``world_size``."""
+        from ..distributed import contiguous_shard  # the data package does not need torch.distributed otherwise
+
+        self._shard = contiguous_shard(self.data.offsets.diff().tolist(), rank, world_size)
+
+    @property
+    def shard_clients(self) -> range:
+        """The clients this loader serves."""
+        lo, hi = self._shard if self._shard is not None else (0, len(self.data.offsets) - 1)
+        return range(lo, hi)
+
+    def _rows(self) -> tuple[int, int]:
+        clients = self.shard_clients
+        return int(self.data.offsets[clients.start]), int(self.data.offsets[clients.stop])
+
+
+class ClientEvalLoader(_EvalShard):
     """All clients' evaluation data in client order, in batches that may span clients.
 
     Yields ``(x, y, client_ids)`` with ``client_ids`` int64 [B]; no augmentation.
@@ -183,12 +267,18 @@ class ClientEvalLoader:
         return self.data.sizes
 
     def __len__(self) -> int:
-        return math.ceil(len(self.data.x) / self.batch_size)
+        lo, hi = self._rows()
+        if hi == lo and self._shard is not None:
+            return 1  # the empty batch of a sharded process without samples
+        return math.ceil((hi - lo) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        n, bs = len(self.data.x), self.batch_size
-        for start in range(0, n, bs):
-            sl = slice(start, start + bs)
+        lo, hi = self._rows()
+        if hi == lo and self._shard is not None:
+            yield self.prep(self.data.x[:0]), self.data.y[:0], self._ids[:0]
+            return
+        for start in range(lo, hi, self.batch_size):
+            sl = slice(start, min(start + self.batch_size, hi))
             yield self.prep(self.data.x[sl]), self.data.y[sl], self._ids[sl]
 
 
@@ -225,7 +315,7 @@ class _RoundBatches(torch.utils.data.Sampler):
         self.loader = loader
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader) - self.loader.padding_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         loader = self.loader
@@ -239,7 +329,7 @@ class _RoundBatches(torch.utils.data.Sampler):
                     yield perm[start : start + bs].tolist()
 
 
-class DatasetRoundLoader:
+class DatasetRoundLoader(_RoundSchedule):
     """:class:`RoundLoader` for clients given as ``torch.utils.data.Dataset`` objects, read item by item.
 
     One ``DataLoader`` with ``num_workers`` processes (kept alive between rounds) serves every round; the
@@ -261,8 +351,7 @@ class DatasetRoundLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.local_epochs = local_epochs
-        self.round_idx = 0
-        self._clients = list(range(len(self.data.datasets)))
+        self._start_schedule(len(self.data.datasets))
         self._loader = torch.utils.data.DataLoader(
             self.data,
             batch_sampler=_RoundBatches(self),
@@ -271,37 +360,22 @@ class DatasetRoundLoader:
             generator=seeded_generator(seed, Stream.LOADER, -1, 0, 0),  # the workers' base seed
         )
 
-    def set_round(self, round_idx: int, clients: Sequence[int]) -> None:
-        """Select the round number (for seeding) and the clients that train in it, in order."""
-        ids = [int(k) for k in clients]
-        bad = [k for k in ids if not 0 <= k < self.data.num_clients]
-        if bad:
-            raise ValueError(f"clients {bad} out of range; valid ids are 0..{self.data.num_clients - 1}")
-        self.round_idx = int(round_idx)
-        self._clients = ids
-
-    @property
-    def clients(self) -> list[int]:
-        """The clients of the current round, in training order."""
-        return list(self._clients)
-
     @property
     def num_workers(self) -> int:
         return self._loader.num_workers
 
-    def num_batches(self, client_id: int) -> int:
-        """``ceil(n_k / batch_size) * local_epochs``."""
-        return math.ceil(int(self.data.sizes[client_id]) / self.batch_size) * self.local_epochs
+    def _client_size(self, client_id: int) -> int:
+        return int(self.data.sizes[client_id])
 
-    def __len__(self) -> int:
-        return sum(self.num_batches(k) for k in self._clients)
-
-    def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
+    def _real_batches(self, round_idx: int, clients: list[int]) -> Iterator[tuple[Any, Any, int]]:
+        # the batch sampler reads the round from this loader when the DataLoader starts a pass
+        if not clients:  # a process without clients this round: padding only
+            return
         for x, y, ids in self._loader:
             yield x, y, int(ids[0])
 
 
-class DatasetEvalLoader:
+class DatasetEvalLoader(_EvalShard):
     """:class:`ClientEvalLoader` for clients given as datasets: all clients' items in client order, in
     batches that may span clients; yields ``(x, y, client_ids)`` with ``client_ids`` int64 [B]."""
 
@@ -309,9 +383,25 @@ class DatasetEvalLoader:
         if batch_size < 1:
             raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
         self.data = _TaggedDatasets(datasets)
-        self._loader = torch.utils.data.DataLoader(
-            self.data, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=num_workers > 0
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._loader = self._data_loader(self.data)
+
+    def _data_loader(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Serve the clients of process ``rank`` out of ``world_size`` (one empty batch if they hold no item)."""
+        before = self._shard
+        super().set_shard(rank, world_size)
+        if self._shard != before:  # keep the DataLoader (and its persistent workers) while the shard stays
+            lo, hi = self._rows()
+            self._loader = self._data_loader(torch.utils.data.Subset(self.data, range(lo, hi)))
 
     @property
     def sizes(self) -> torch.Tensor:
@@ -319,9 +409,14 @@ class DatasetEvalLoader:
         return self.data.sizes
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return max(len(self._loader), 1 if self._shard is not None else 0)
 
     def __iter__(self) -> Iterator[tuple[Any, Any, torch.Tensor]]:
+        if len(self._loader) == 0 and self._shard is not None and len(self.data):
+            # the empty batch of a process without samples: any item, collated, cut to no rows
+            batch = torch.utils.data.default_collate([self.data[0]])
+            yield tuple(part[:0] for part in batch)
+            return
         yield from self._loader
 
 
