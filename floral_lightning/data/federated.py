@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,10 @@ class BatchPrep:
         return out
 
 
+#: what a round loader serves when set as its ``whole_round``: the round's ``(x, y, k)`` batches in -> one item
+WholeRound = Callable[[Iterator[tuple[Any, Any, int]]], Any]
+
+
 class RoundLoader:
     """The training batches of one federated round: each sampled client's shuffled data in turn.
 
@@ -108,6 +112,10 @@ class RoundLoader:
     batch is kept. Client k's epoch e of round r is shuffled (and augmented) by a generator seeded with
     ``(seed, r, k, e)``, so a round's batches do not depend on which other clients were sampled or on the
     global RNG. Before the first :meth:`set_round` the round is 0 with all clients.
+
+    ``whole_round`` (``None`` by default) serves the round as one item instead: the loader's length is 1 and
+    it yields ``whole_round(batches)`` of the same batches (the vectorised round loop,
+    ``floral_lightning.vectorised``, stacks them so that Lightning moves a whole round to the device at once).
     """
 
     def __init__(
@@ -127,6 +135,7 @@ class RoundLoader:
         self.local_epochs = local_epochs
         self.round_idx = 0
         self._clients = list(range(data.num_clients))
+        self.whole_round: WholeRound | None = None
 
     def set_round(self, round_idx: int, clients: Sequence[int]) -> None:
         """Select the round number (for seeding) and the clients that train in it, in order."""
@@ -148,9 +157,18 @@ class RoundLoader:
         return math.ceil((hi - lo) / self.batch_size) * self.local_epochs
 
     def __len__(self) -> int:
+        if self.whole_round is not None:
+            return 1
         return sum(self.num_batches(k) for k in self._clients)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[Any]:
+        batches = self._batches()
+        if self.whole_round is not None:
+            yield self.whole_round(batches)
+            return
+        yield from batches
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         # snapshot the round so a set_round during iteration cannot mix two rounds
         round_idx, clients, bs = self.round_idx, list(self._clients), self.batch_size
         for k in clients:
@@ -263,6 +281,7 @@ class DatasetRoundLoader:
         self.local_epochs = local_epochs
         self.round_idx = 0
         self._clients = list(range(len(self.data.datasets)))
+        self.whole_round: WholeRound | None = None  # as RoundLoader.whole_round
         self._loader = torch.utils.data.DataLoader(
             self.data,
             batch_sampler=_RoundBatches(self),
@@ -294,11 +313,16 @@ class DatasetRoundLoader:
         return math.ceil(int(self.data.sizes[client_id]) / self.batch_size) * self.local_epochs
 
     def __len__(self) -> int:
+        if self.whole_round is not None:
+            return 1
         return sum(self.num_batches(k) for k in self._clients)
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
-        for x, y, ids in self._loader:
-            yield x, y, int(ids[0])
+    def __iter__(self) -> Iterator[Any]:
+        batches = ((x, y, int(ids[0])) for x, y, ids in self._loader)
+        if self.whole_round is not None:
+            yield self.whole_round(batches)
+            return
+        yield from batches
 
 
 class DatasetEvalLoader:
