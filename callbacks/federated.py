@@ -290,8 +290,8 @@ class FederatedCallback(Callback):
             if result.nonfinite[i] is not None:
                 step, value = result.nonfinite[i]
                 problem = f"non-finite training loss ({value}) at local step {step}"
-            if problem is None:
-                problem = _nonfinite_update(client_state, logits)
+            if problem is None and not result.finite_update[i]:
+                problem = _nonfinite_update(client_state, logits)  # None: finite after all (its sum overflowed)
                 if problem is not None:
                     problem += f" after its last local step {batch.num_steps[i] - 1}"
             if problem is not None:

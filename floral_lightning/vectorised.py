@@ -104,6 +104,14 @@ class RoundBatch:
     num_steps: list[int]
     steps: list[list[StepGroup]]
 
+    def to(self, *args: Any, **kwargs: Any) -> RoundBatch:
+        """The batch with every tensor moved by ``Tensor.to(*args, **kwargs)``. Lightning's ``batch_to_device``
+        calls this for an object with a ``to`` method instead of walking the dataclass field by field."""
+        steps = [
+            [StepGroup(g.positions, g.x.to(*args, **kwargs), g.y.to(*args, **kwargs)) for g in s] for s in self.steps
+        ]
+        return RoundBatch(self.clients, self.num_steps, steps)
+
     @classmethod
     def collect(cls, batches: Iterator[tuple[Any, Any, int]]) -> RoundBatch:
         """Stack a round's ``(x, y, k)`` batches (each client's batches contiguous) step by step."""
@@ -139,7 +147,8 @@ class RoundResult:
     ``state[name]`` is ``[S, ...]`` for the trained federated tensors (the others are the global tensors,
     unchanged); ``logits`` is ``[S, C]`` (``None`` without a trained router). ``loss_sum`` / ``loss_count`` give
     the sample-weighted mean local loss (before the entropy penalty), as ``FloralModule`` logs ``train/loss``.
-    ``nonfinite[i]`` is ``(step, loss)`` of client i's first non-finite training loss, or ``None``.
+    ``nonfinite[i]`` is ``(step, loss)`` of client i's first non-finite training loss, or ``None``;
+    ``finite_update[i]`` whether client i's trained tensors and router row are all finite.
     """
 
     clients: list[int]
@@ -148,6 +157,7 @@ class RoundResult:
     loss_sum: torch.Tensor
     loss_count: int
     nonfinite: list[tuple[int, float] | None]
+    finite_update: list[bool]
 
     def client_state(self, i: int, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Client ``clients[i]``'s federated tensors by name (views into the stacked tensors)."""
@@ -344,8 +354,15 @@ class VectorisedClients:
                     loss_count += rows * len(group.positions)
                     records.append((s, group.positions if not full else everyone, penalised.detach()))
         nonfinite = self._nonfinite(records, size)
+        # One check over the stacks, not one per client and tensor: a sum is finite when every term is (a sum of
+        # finite terms that overflows is caught too, and settled by the exact check of the round loop)
+        total = torch.zeros(size, dtype=torch.float64, device=loss_sum.device)
+        for t in trained.values():
+            total += t.flatten(1).sum(1, dtype=torch.float64)
+        finite = torch.isfinite(total)
         logits = trained.get("router")
-        return RoundResult(clients, {n: trained[n] for n in self.names}, logits, loss_sum, loss_count, nonfinite)
+        state = {n: trained[n] for n in self.names}
+        return RoundResult(clients, state, logits, loss_sum, loss_count, nonfinite, finite.tolist())
 
     @staticmethod
     def _nonfinite(records: list[tuple[int, torch.Tensor, torch.Tensor]], size: int) -> list[tuple[int, float] | None]:
