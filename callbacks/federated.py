@@ -282,7 +282,8 @@ class FederatedCallback(Callback):
         for k in batch.clients:
             self.on_client_start(trainer, pl_module, k)
         result = self.vectorised.train_round(self.round, self._global, batch)
-        for i, k in enumerate(result.clients):
+        for i in batch.order:  # slot i holds client result.clients[i]; updates go in the round's order
+            k = result.clients[i]
             self._active_client = k
             client_state = result.client_state(i, self._global)
             logits = pl_module.client_logits(k) if result.logits is None else result.logits[i]

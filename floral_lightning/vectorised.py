@@ -84,10 +84,12 @@ PRECONDITION_EPS: float = inspect.signature(FloralModel.precondition_gradients_)
 
 @dataclass
 class StepGroup:
-    """Clients that take a local step on batches of one shape: their positions in the round's client list
-    (``positions`` [G]) and their batches stacked (``x`` [G, B, ...], ``y`` [G, B, ...])."""
+    """Clients that take a local step on batches of one shape: their slots in the stacks (``positions`` [G];
+    ``start``: the first, when they are the consecutive slots ``start .. start + G - 1``, else ``None``) and
+    their batches stacked (``x`` [G, B, ...], ``y`` [G, B, ...])."""
 
     positions: torch.Tensor
+    start: int | None
     x: torch.Tensor
     y: torch.Tensor
 
@@ -97,28 +99,38 @@ class RoundBatch:
     """A whole round's training batches, stacked for :class:`VectorisedClients` (what the round loader serves
     as its one item in vectorised mode; Lightning moves it to the device like any batch).
 
-    ``steps[s]`` holds the groups of local step s; ``num_steps[i]`` is client ``clients[i]``'s step count.
+    Client ``clients[i]`` has slot i in the stacks and ``num_steps[i]`` local steps; ``order`` lists the slots
+    in the round's training order. ``steps[s]`` holds the groups of local step s.
     """
 
     clients: list[int]
     num_steps: list[int]
+    order: list[int]
     steps: list[list[StepGroup]]
 
     def to(self, *args: Any, **kwargs: Any) -> RoundBatch:
         """The batch with every tensor moved by ``Tensor.to(*args, **kwargs)``. Lightning's ``batch_to_device``
         calls this for an object with a ``to`` method instead of walking the dataclass field by field."""
         steps = [
-            [StepGroup(g.positions, g.x.to(*args, **kwargs), g.y.to(*args, **kwargs)) for g in s] for s in self.steps
+            [StepGroup(g.positions, g.start, g.x.to(*args, **kwargs), g.y.to(*args, **kwargs)) for g in s]
+            for s in self.steps
         ]
-        return RoundBatch(self.clients, self.num_steps, steps)
+        return RoundBatch(self.clients, self.num_steps, self.order, steps)
 
     @classmethod
     def collect(cls, batches: Iterator[tuple[Any, Any, int]]) -> RoundBatch:
-        """Stack a round's ``(x, y, k)`` batches (each client's batches contiguous) step by step."""
+        """Stack a round's ``(x, y, k)`` batches (each client's batches contiguous) step by step.
+
+        Slots are sorted by (number of steps, size of the last batch): with one local epoch, the clients of
+        every group are then consecutive slots (those still at full batches, and each block that takes its last,
+        smaller batch), so a group's stacks are views, not gathered copies.
+        """
         per_client: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for x, y, k in batches:
             per_client.setdefault(int(k), []).append((x, y))
-        clients = list(per_client)
+        round_order = list(per_client)
+        clients = sorted(round_order, key=lambda k: (len(per_client[k]), len(per_client[k][-1][0])))
+        slot = {k: i for i, k in enumerate(clients)}
         num_steps = [len(per_client[k]) for k in clients]
         steps = []
         for s in range(max(num_steps, default=0)):
@@ -127,17 +139,19 @@ class RoundBatch:
                 if s < num_steps[i]:
                     x, y = per_client[k][s]
                     shapes.setdefault((x.shape, x.dtype, y.shape, y.dtype), []).append(i)
-            steps.append(
-                [
+            groups = []
+            for positions in shapes.values():
+                consecutive = positions == list(range(positions[0], positions[0] + len(positions)))
+                groups.append(
                     StepGroup(
                         torch.tensor(positions, dtype=torch.long),
+                        positions[0] if consecutive else None,
                         torch.stack([per_client[clients[i]][s][0] for i in positions]),
                         torch.stack([per_client[clients[i]][s][1] for i in positions]),
                     )
-                    for positions in shapes.values()
-                ]
-            )
-        return cls(clients, num_steps, steps)
+                )
+            steps.append(groups)
+        return cls(clients, num_steps, [slot[k] for k in round_order], steps)
 
 
 @dataclass
@@ -319,31 +333,32 @@ class VectorisedClients:
         loss_sum = torch.zeros((), device=next(iter(stacked.values()), theta).device)
         loss_count = 0
         records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, positions, penalised losses)
-        everyone = torch.arange(size)
         for s, groups in enumerate(batch.steps):
             for group in groups:
-                full = len(group.positions) == size  # every client: work on the stacks in place, no gather
-                idx = group.positions.to(loss_sum.device)
-                current = {n: t if full else t.index_select(0, idx) for n, t in trained.items()}
-                leaves = {n: t.detach().requires_grad_(True) for n, t in current.items()}
+                # consecutive slots: the group's stacks are views, updated in place; otherwise gathered copies,
+                # written back after the step
+                start, count = group.start, len(group.positions)
+                idx = None if start is not None else group.positions.to(loss_sum.device)
+
+                leaves = {n: _take(t, start, count, idx).detach().requires_grad_(True) for n, t in trained.items()}
                 params = {n: leaves[n] for n in self.names}
                 th = (
                     leaves["router"]
                     if self.train_router
-                    else (None if theta is None else theta if full else theta[idx])
+                    else None
+                    if theta is None
+                    else _take(theta, start, count, idx)
                 )
-                nz = None if noise is None else noise[:, s] if full else noise[idx, s]
+                nz = None if noise is None else _take(noise[:, s], start, count, idx)
                 losses, penalised = self.losses(params, th, nz, group.x, group.y)
                 grads = dict(zip(leaves, torch.autograd.grad(penalised.sum(), list(leaves.values()))))
                 with torch.no_grad():
                     self._precondition(leaves, grads)
-                    group_state = (
-                        state
-                        if full
-                        else {n: {k: v.index_select(0, idx) for k, v in st.items()} for n, st in state.items()}
-                    )
+                    group_state = {
+                        n: {k: _take(v, start, count, idx) for k, v in st.items()} for n, st in state.items()
+                    }
                     self._step(leaves, grads, group_state, s + 1)
-                    if not full:
+                    if idx is not None:
                         for n, t in trained.items():
                             t.index_copy_(0, idx, leaves[n])
                         for n, st in state.items():
@@ -352,14 +367,13 @@ class VectorisedClients:
                     rows = group.x.shape[1]
                     loss_sum += losses.detach().sum() * rows
                     loss_count += rows * len(group.positions)
-                    records.append((s, group.positions if not full else everyone, penalised.detach()))
+                    records.append((s, group.positions, penalised.detach()))
         nonfinite = self._nonfinite(records, size)
         # One check over the stacks, not one per client and tensor: a sum is finite when every term is (a sum of
         # finite terms that overflows is caught too, and settled by the exact check of the round loop)
-        total = torch.zeros(size, dtype=torch.float64, device=loss_sum.device)
+        finite = torch.ones(size, dtype=torch.bool, device=loss_sum.device)
         for t in trained.values():
-            total += t.flatten(1).sum(1, dtype=torch.float64)
-        finite = torch.isfinite(total)
+            finite &= torch.isfinite(t.flatten(1).sum(1))
         logits = trained.get("router")
         state = {n: trained[n] for n in self.names}
         return RoundResult(clients, state, logits, loss_sum, loss_count, nonfinite, finite.tolist())
@@ -437,6 +451,11 @@ class VectorisedClients:
             if name_b in grads:
                 gram = a @ a.transpose(-2, -1) + eye
                 grads[name_b] = torch.linalg.solve(gram, grads[name_b].transpose(-2, -1)).transpose(-2, -1)
+
+
+def _take(t: torch.Tensor, start: int | None, count: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """A group's rows of a stack: the view ``t[start : start + count]``, or the copy ``t[idx]``."""
+    return t.narrow(0, start, count) if idx is None else t.index_select(0, idx)
 
 
 def probe(clients: VectorisedClients, global_state: Mapping[str, torch.Tensor], batch: tuple[Any, Any, int]) -> None:
