@@ -282,6 +282,7 @@ class FederatedCallback(Callback):
         for k in batch.clients:
             self.on_client_start(trainer, pl_module, k)
         result = self.vectorised.train_round(self.round, self._global, batch)
+        kept: list[int] = []  # the slots whose updates count (all, unless a non-finite one is skipped)
         for i in batch.order:  # slot i holds client result.clients[i]; updates go in the round's order
             k = result.clients[i]
             self._active_client = k
@@ -302,10 +303,15 @@ class FederatedCallback(Callback):
             if result.logits is not None:
                 with torch.no_grad():
                     pl_module.client_logits(k).copy_(logits)  # a view of the router table row
+            kept.append(i)
             update = ClientUpdate(k, client_state, int(self._train_sizes[k]), pl_module.client_logits(k))
             self.on_client_update(trainer, pl_module, update)
-            self._aggregator.add(update.state, update.num_samples, update.logits)
         self._active_client = None
+        # the kept clients' updates, as they are stacked: the same sums as adding them one by one
+        kept.sort()  # slot order: with every client kept, the stacks themselves (no gathered copy)
+        states, logits = result.stacked_updates(kept, self._global)
+        sizes = self._train_sizes[[result.clients[i] for i in kept]]
+        self._aggregator.add_stacked(states, sizes, logits)
         mean = result.loss_sum / max(result.loss_count, 1)
         pl_module.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=result.loss_count)
 

@@ -82,6 +82,37 @@ class StreamingAggregator:
         self.num_clients += 1
 
     @torch.no_grad()
+    def add_stacked(self, states: Mapping[str, torch.Tensor], num_samples: torch.Tensor, logits: torch.Tensor) -> None:
+        """:meth:`add` for S clients at once: ``states[name]`` is ``[S, ...]`` (a client's tensor is row s; an
+        expanded view does for a tensor no client changed), ``num_samples`` ``[S]``, ``logits`` ``[S, C]``.
+
+        The same weighted sums as S calls of :meth:`add`, each as one contraction over the clients (the
+        vectorised round loop, where the S updates are already stacked), so the float sums add in another order.
+        """
+        n = torch.as_tensor(num_samples, dtype=torch.float64)
+        if len(n) == 0:
+            return
+        if bool((n <= 0).any()):
+            raise ValueError(f"num_samples={n.tolist()}: a client must report a positive train size")
+        if self._shared:
+            for k in self._shared:
+                stacked = states[k]
+                self._sums[k] += torch.tensordot(n.to(stacked), stacked, dims=1)
+        if self._adaptor:
+            joint = n.float()[:, None].to(logits.device) * torch.softmax(logits.detach().float(), dim=-1)  # [S, C]
+            for k in self._adaptor:
+                stacked = states[k]  # [S, C, ...]
+                weighted = joint.to(stacked).view(*joint.shape, *([1] * (stacked.dim() - 2))) * stacked
+                self._sums[k] += weighted.sum(0)
+            total = joint.sum(0)
+            self._adaptor_total = total if self._adaptor_total is None else self._adaptor_total + total
+        for k in self._integer:
+            top = states[k].amax(0)
+            self._max[k] = top.clone() if k not in self._max else torch.maximum(self._max[k], top)
+        self._shared_total += float(n.sum())
+        self.num_clients += len(n)
+
+    @torch.no_grad()
     def result(self, fallback: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The averages. An adaptor that no client weighted at all (possible only with underflowing
         mixtures) keeps its ``fallback`` value, as does everything when no client was added."""

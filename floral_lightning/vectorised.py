@@ -177,6 +177,24 @@ class RoundResult:
         """Client ``clients[i]``'s federated tensors by name (views into the stacked tensors)."""
         return {n: self.state[n][i] if n in self.state else t for n, t in global_state.items()}
 
+    def stacked_updates(
+        self, slots: list[int], global_state: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The federated tensors ``[len(slots), ...]`` of the clients in ``slots`` (untrained ones: the global
+        tensor, expanded) and their router logits ``[len(slots), C]`` (a zero logit each without a router), as
+        ``StreamingAggregator.add_stacked`` takes them."""
+        every = slots == list(range(len(self.clients)))
+        index = torch.tensor(slots, dtype=torch.long, device=self.loss_sum.device)
+        states = {}
+        for n, t in global_state.items():
+            if n in self.state:
+                states[n] = self.state[n] if every else self.state[n].index_select(0, index)
+            else:
+                states[n] = t.unsqueeze(0).expand(len(slots), *t.shape)
+        if self.logits is None:
+            return states, torch.zeros(len(slots), 1)
+        return states, self.logits if every else self.logits.index_select(0, index)
+
 
 def vectorise_reason(trainer: L.Trainer, pl_module: L.LightningModule, loader: Any) -> str | None:
     """Why the round's clients of this trainer and module cannot be trained as one vectorised computation,
