@@ -111,8 +111,10 @@ class FederatedCallback(Callback):
         )
         self.skip_nonfinite_clients = skip_nonfinite_clients
         self.vectorise = vectorise
-        #: the vectorised trainer of the fit in progress (``None``: clients train one after another)
+        #: the vectorised trainer of the fit in progress (``None``: clients train one after another), and why
+        #: a ``vectorise`` fit trains them one after another (``None`` when it does not)
         self.vectorised: VectorisedClients | None = None
+        self.sequential_reason: str | None = None
         self.round = 0
         self.clients: list[int] = []
         # bound to the trainer's module and data in ``on_fit_start``
@@ -196,6 +198,7 @@ class FederatedCallback(Callback):
         """With ``vectorise``, serve each round as one stacked ``RoundBatch`` and train it in
         ``_train_vectorised``; otherwise (or where it cannot be vectorised, said once) batch by batch."""
         self.vectorised = None
+        self.sequential_reason = None
         if not self.vectorise:
             return
         reason = vectorise_reason(trainer, pl_module, self._loader)
@@ -206,6 +209,7 @@ class FederatedCallback(Callback):
             except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
                 reason = f"vmap cannot batch the model: {type(err).__name__}: {str(err).splitlines()[0]}"
         if reason is not None:
+            self.sequential_reason = reason
             rank_zero_info(f"federated.vectorise: clients train one after another: {reason}")
             return
         self.vectorised = clients

@@ -242,15 +242,19 @@ def vectorise_reason(trainer: L.Trainer, pl_module: L.LightningModule, loader: A
     if trainer.precision not in ("32-true", "32", 32, "64-true", "64", 64):
         return f"precision={trainer.precision!r} (mixed precision steps go through Lightning's scaler)"
     for callback in trainer.callbacks:
-        module_name = type(callback).__module__
-        if module_name.startswith(("lightning.", "callbacks.")):
-            continue  # Lightning's and this project's callbacks: none acts on single local steps
-        hooks = [h for h in STEP_HOOKS if getattr(type(callback), h) is not getattr(L.Callback, h)]
+        hooks = [h for h in STEP_HOOKS if not _hook_is_trusted(type(callback), h)]
         if hooks:
             return f"callback {type(callback).__name__} runs {hooks} per local step"
     if not hasattr(loader, "whole_round"):
         return f"the train loader is a {type(loader).__name__}, which cannot serve a whole round"
     return None
+
+
+def _hook_is_trusted(cls: type, hook: str) -> bool:
+    """Whether ``cls.hook`` comes from Lightning or this project's callbacks (the round loop itself, the progress
+    bar, checkpoints, timers: none acts on a single local step), not from a user's class."""
+    owner = next(c for c in cls.__mro__ if hook in c.__dict__)
+    return owner.__module__.split(".")[0] in ("lightning", "callbacks")
 
 
 class VectorisedClients:
