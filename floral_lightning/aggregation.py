@@ -71,23 +71,30 @@ class StreamingAggregator:
         if self._shared:
             torch._foreach_add_([self._sums[k] for k in self._shared], [state[k] for k in self._shared], alpha=n)
         if self._adaptor:
-            joint = n * torch.softmax(logits.detach().float(), dim=-1)
-            sums = [self._sums[k] for k in self._adaptor]
-            weights = [joint.to(s).view(-1, *([1] * (s.dim() - 1))) for s in sums]
-            torch._foreach_addcmul_(sums, [state[k] for k in self._adaptor], weights)
-            self._adaptor_total = joint if self._adaptor_total is None else self._adaptor_total + joint
+            self._add_adaptors([state[k] for k in self._adaptor], n, logits)
         for k in self._integer:
             self._max[k] = state[k].clone() if k not in self._max else torch.maximum(self._max[k], state[k])
         self._shared_total += n
         self.num_clients += 1
+
+    def _add_adaptors(self, tensors: list[torch.Tensor], n: float, logits: torch.Tensor) -> None:
+        """Slice c of every adaptor tensor with weight ``n p(c|k)``, and the running total of those weights."""
+        joint = n * torch.softmax(logits.detach().float(), dim=-1)
+        sums = [self._sums[k] for k in self._adaptor]
+        weights = [joint.to(s).view(-1, *([1] * (s.dim() - 1))) for s in sums]
+        torch._foreach_addcmul_(sums, tensors, weights)
+        self._adaptor_total = joint if self._adaptor_total is None else self._adaptor_total + joint
 
     @torch.no_grad()
     def add_stacked(self, states: Mapping[str, torch.Tensor], num_samples: torch.Tensor, logits: torch.Tensor) -> None:
         """:meth:`add` for S clients at once: ``states[name]`` is ``[S, ...]`` (a client's tensor is row s; an
         expanded view does for a tensor no client changed), ``num_samples`` ``[S]``, ``logits`` ``[S, C]``.
 
-        The same weighted sums as S calls of :meth:`add`, each as one contraction over the clients (the
-        vectorised round loop, where the S updates are already stacked), so the float sums add in another order.
+        The vectorised round loop's updates are already stacked: the shared tensors' sums are one contraction
+        over the clients each (their weights n_k are all positive, so only the rounding order differs from S
+        calls of :meth:`add`); the adaptor tensors are added client by client exactly as :meth:`add` does,
+        because an adaptor that the mixtures weight almost nowhere (oracle mixtures: p(c|k) ~ 1e-44) averages
+        with so few significant bits that another summation order would give another value.
         """
         n = torch.as_tensor(num_samples, dtype=torch.float64)
         if len(n) == 0:
@@ -99,13 +106,8 @@ class StreamingAggregator:
                 stacked = states[k]
                 self._sums[k] += torch.tensordot(n.to(stacked), stacked, dims=1)
         if self._adaptor:
-            joint = n.float()[:, None].to(logits.device) * torch.softmax(logits.detach().float(), dim=-1)  # [S, C]
-            for k in self._adaptor:
-                stacked = states[k]  # [S, C, ...]
-                weighted = joint.to(stacked).view(*joint.shape, *([1] * (stacked.dim() - 2))) * stacked
-                self._sums[k] += weighted.sum(0)
-            total = joint.sum(0)
-            self._adaptor_total = total if self._adaptor_total is None else self._adaptor_total + total
+            for i, n_i in enumerate(n.tolist()):
+                self._add_adaptors([states[k][i] for k in self._adaptor], n_i, logits[i])
         for k in self._integer:
             top = states[k].amax(0)
             self._max[k] = top.clone() if k not in self._max else torch.maximum(self._max[k], top)

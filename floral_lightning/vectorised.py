@@ -159,8 +159,9 @@ class RoundResult:
     """What a vectorised round produced: every client's trained tensors and router row, its losses.
 
     ``state[name]`` is ``[S, ...]`` for the trained federated tensors (the others are the global tensors,
-    unchanged); ``logits`` is ``[S, C]`` (``None`` without a trained router). ``loss_sum`` / ``loss_count`` give
-    the sample-weighted mean local loss (before the entropy penalty), as ``FloralModule`` logs ``train/loss``.
+    unchanged); ``logits`` is ``[S, C]``, the router rows after training (``None`` without a router).
+    ``loss_sum`` / ``loss_count`` give the sample-weighted mean local loss (before the entropy penalty), as
+    ``FloralModule`` logs ``train/loss``.
     ``nonfinite[i]`` is ``(step, loss)`` of client i's first non-finite training loss, or ``None``;
     ``finite_update[i]`` whether client i's trained tensors and router row are all finite.
     """
@@ -396,7 +397,7 @@ class VectorisedClients:
         finite = torch.ones(size, dtype=torch.bool, device=loss_sum.device)
         for t in trained.values():
             finite &= torch.isfinite(t.flatten(1).sum(1))
-        logits = trained.get("router")
+        logits = trained.get("router", theta)  # a frozen router (oracle): its rows still weight the adaptors
         state = {n: trained[n] for n in self.names}
         return RoundResult(clients, state, logits, loss_sum, loss_count, nonfinite, finite.tolist())
 

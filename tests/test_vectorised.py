@@ -20,7 +20,7 @@ from torch import nn
 
 from floral_lightning.aggregation import StreamingAggregator
 from floral_lightning.data import ArraySplits, ClientSource, FederatedDataModule
-from floral_lightning.methods import DittoModule, FedProxModule
+from floral_lightning.methods import DittoModule, FedAvgModule, FedProxModule, FineTuneModule, LocalAdaptorModule
 from floral_lightning.models import MLP
 from floral_lightning.module import ClientOptimizer, RouterOptions
 from floral_lightning.tasks import RegressionModule
@@ -76,7 +76,7 @@ def run(module, vectorise: bool, rounds: int = 3, trainer_options: dict | None =
     return callback, trainer
 
 
-def assert_same_rounds(optimizer: ClientOptimizer, **module_options) -> None:
+def assert_same_rounds(optimizer: ClientOptimizer, frozen: tuple[str, ...] = (), **module_options) -> None:
     sequential, vectorised = make_module(optimizer, **module_options), make_module(optimizer, **module_options)
     start = copy.deepcopy(sequential.state_dict())
     seq_cb, seq_trainer = run(sequential, False)
@@ -93,6 +93,9 @@ def assert_same_rounds(optimizer: ClientOptimizer, **module_options) -> None:
     # the global weights, adaptors and every client's router row (mixture) after the rounds
     seq_state, vec_state = sequential.state_dict(), vectorised.state_dict()
     for name, value in seq_state.items():
+        if name in frozen:  # set when the fit starts (oracle mixtures), then never trained
+            assert torch.equal(vec_state[name], value), f"{name} is frozen but differs"
+            continue
         assert not torch.equal(value, start[name]), f"{name} never changed: the comparison would be vacuous"
         torch.testing.assert_close(vec_state[name], value, atol=ATOL, rtol=RTOL, msg=name)
     if sequential.client_mixtures() is not None:
@@ -116,6 +119,19 @@ def test_vectorised_fedavg_rounds_equal_sequential_rounds():
 
 def test_uniform_noise_and_top_k_rounds_are_the_same():
     assert_same_rounds(SGD, router=RouterOptions(noise="uniform", noise_std=1.0, top_k=2))
+
+
+def test_oracle_mixtures_rounds_are_the_same():
+    """Frozen router rows (the true clusters): the noise still applies, the rows are not trained. C = 2 = the
+    number of clusters: an adaptor of no cluster would average with weights p(k|c) ~ 1e-44 (denormal floats),
+    where any change of summation order, in either loop, gives another value."""
+    router = RouterOptions(oracle=True, noise="uniform")
+    assert_same_rounds(SGD, num_adaptors=2, router=router, frozen=("model.router.logits",))
+
+
+@pytest.mark.parametrize("cls", [FedAvgModule, FineTuneModule])
+def test_methods_that_keep_floral_local_training_vectorise(cls):
+    assert_same_rounds(SGD, num_adaptors=0, cls=cls)
 
 
 def test_round_batch_groups_clients_by_batch_shape_and_keeps_every_batch():
@@ -182,10 +198,18 @@ def reason_of(module, caplog, **trainer_options) -> str | None:
     return callback.sequential_reason
 
 
-@pytest.mark.parametrize("cls", [DittoModule, FedProxModule])
-def test_methods_with_their_own_local_training_fall_back_and_train_as_before(cls, caplog):
-    fallback, reference = make_module(SGD, cls=cls, num_adaptors=0), make_module(SGD, cls=cls, num_adaptors=0)
-    assert f"{cls.__name__} overrides training_step" in reason_of(fallback, caplog)
+@pytest.mark.parametrize(
+    "cls, reason",
+    [
+        (DittoModule, "DittoModule overrides training_step"),
+        (FedProxModule, "FedProxModule overrides training_step"),
+        (LocalAdaptorModule, "LocalAdaptorModule overrides on_client_start"),
+    ],
+)
+def test_methods_with_their_own_local_training_fall_back_and_train_as_before(cls, reason, caplog):
+    options = {"num_adaptors": 1 if cls is LocalAdaptorModule else 0}
+    fallback, reference = make_module(SGD, cls=cls, **options), make_module(SGD, cls=cls, **options)
+    assert reason in reason_of(fallback, caplog)
     run(reference, False, rounds=1)
     for name, value in reference.state_dict().items():
         assert torch.equal(fallback.state_dict()[name], value), name  # the very same sequential rounds
