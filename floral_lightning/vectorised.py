@@ -284,6 +284,11 @@ class VectorisedClients:
         if self.train_router:
             self._groups["router"] = group_of[id(self.router.logits)]
         # factor pairs to precondition: (A name, B name, rank) of every FloralLinear layer
+        #: the memory order of a stack's dimensions (outermost first) where its gradient comes in another one
+        #: than the contiguous order (``probe`` learns them): stacking in the gradient's layout keeps the
+        #: optimizer's elementwise update reading memory in order (a batched linear layer's weight gradient comes
+        #: transposed, and adding it to a contiguous stack costs about three times as much)
+        self.layouts: dict[str, tuple[int, ...]] = {}
         self._factor_pairs: list[tuple[str, str, int]] = []
         if pl_module.precondition and isinstance(self.model, FloralModel):
             for name, layer in self.model.floral_layers().items():
@@ -340,9 +345,7 @@ class VectorisedClients:
     def train_round(self, round_idx: int, global_state: Mapping[str, torch.Tensor], batch: RoundBatch) -> RoundResult:
         """Train ``batch.clients`` from ``global_state``, each with its own router row and a fresh optimizer."""
         clients, size = batch.clients, len(batch.clients)
-        stacked = {
-            n: global_state[n].detach().unsqueeze(0).repeat(size, *([1] * global_state[n].dim())) for n in self.names
-        }
+        stacked = {n: self._stack(n, global_state[n].detach(), size) for n in self.names}
         theta = None
         if self.router is not None:
             theta = self.router.logits.detach()[torch.tensor(clients, device=self.router.logits.device)].clone()
@@ -396,10 +399,18 @@ class VectorisedClients:
         # finite terms that overflows is caught too, and settled by the exact check of the round loop)
         finite = torch.ones(size, dtype=torch.bool, device=loss_sum.device)
         for t in trained.values():
-            finite &= torch.isfinite(t.flatten(1).sum(1))
+            finite &= torch.isfinite(t.sum(tuple(range(1, t.dim()))) if t.dim() > 1 else t)
         logits = trained.get("router", theta)  # a frozen router (oracle): its rows still weight the adaptors
         state = {n: trained[n] for n in self.names}
         return RoundResult(clients, state, logits, loss_sum, loss_count, nonfinite, finite.tolist())
+
+    def _stack(self, name: str, tensor: torch.Tensor, size: int) -> torch.Tensor:
+        """``size`` copies of ``tensor`` stacked on a new leading dimension, in the layout of ``layouts[name]``."""
+        order = self.layouts.get(name, tuple(range(tensor.dim() + 1)))
+        shape = (size, *tensor.shape)
+        out = torch.empty([shape[d] for d in order], dtype=tensor.dtype, device=tensor.device)
+        out = out.permute([order.index(d) for d in range(len(order))])  # back to (client, *tensor dims)
+        return out.copy_(tensor.unsqueeze(0).expand(shape))
 
     @staticmethod
     def _nonfinite(records: list[tuple[int, torch.Tensor, torch.Tensor]], size: int) -> list[tuple[int, float] | None]:
@@ -483,7 +494,8 @@ def _take(t: torch.Tensor, start: int | None, count: int, idx: torch.Tensor | No
 
 def probe(clients: VectorisedClients, global_state: Mapping[str, torch.Tensor], batch: tuple[Any, Any, int]) -> None:
     """One vectorised forward and backward for two copies of the global weights on ``batch`` (raises what
-    ``vmap`` raises for an op it cannot batch). Touches no weights: the copies are thrown away."""
+    ``vmap`` raises for an op it cannot batch), and the layouts the gradients come in (``clients.layouts``).
+    Touches no weights: the copies are thrown away."""
     x, y, k = batch
     device = next(iter(global_state.values())).device
     x, y = torch.stack([x, x]).to(device), torch.stack([y, y]).to(device)
@@ -500,5 +512,10 @@ def probe(clients: VectorisedClients, global_state: Mapping[str, torch.Tensor], 
         if clients.router.draws_noise:
             noise = torch.zeros_like(theta)
     _, penalised = clients.losses(params, theta, noise, x, y)
-    if leaves:
-        torch.autograd.grad(penalised.sum(), leaves)
+    if not leaves:
+        return
+    grads = torch.autograd.grad(penalised.sum(), leaves)
+    for name, grad in zip(params, grads):  # learn the gradients' layouts (see VectorisedClients.layouts)
+        order = tuple(sorted(range(grad.dim()), key=lambda d: (-grad.stride(d), d)))
+        if order[0] == 0 and order != tuple(range(grad.dim())) and grad.permute(order).is_contiguous():
+            clients.layouts[name] = order
