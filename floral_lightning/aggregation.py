@@ -103,8 +103,7 @@ class StreamingAggregator:
             raise ValueError(f"num_samples={n.tolist()}: a client must report a positive train size")
         if self._shared:
             for k in self._shared:
-                stacked = states[k]
-                self._sums[k] += torch.tensordot(n.to(stacked), stacked, dims=1)
+                self._sums[k] += _weighted_sum(n.to(states[k]), states[k])
         if self._adaptor:
             for i, n_i in enumerate(n.tolist()):
                 self._add_adaptors([states[k][i] for k in self._adaptor], n_i, logits[i])
@@ -127,6 +126,17 @@ class StreamingAggregator:
             out[k] = torch.where(total > 0, avg, fallback[k])
         out.update(self._max)
         return out
+
+
+def _weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``sum_s weights[s] * stacked[s]`` as one contraction, on a permuted view where the stack is laid out in
+    another order than contiguous (a transposed stack would otherwise be copied first)."""
+    order = [0, *sorted(range(1, stacked.dim()), key=lambda d: -stacked.stride(d))]
+    view = stacked.permute(order)
+    if not view.is_contiguous():
+        return torch.tensordot(weights, stacked, dims=1)
+    inverse = [order.index(d) - 1 for d in range(1, stacked.dim())]
+    return torch.tensordot(weights, view, dims=1).permute(inverse)
 
 
 def aggregate(

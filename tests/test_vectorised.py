@@ -13,9 +13,11 @@ from __future__ import annotations
 import copy
 import logging
 
+import lightning as L
 import pytest
 import torch
 from federated_helpers import RecordingCallback, fit
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from floral_lightning.aggregation import StreamingAggregator
@@ -259,3 +261,29 @@ def test_skipped_nonfinite_clients_are_dropped_as_in_the_sequential_loop():
         assert torch.equal(vectorised.model.router.logits.detach()[int(k)], before[int(k)])  # mixture kept
     for name, value in sequential.state_dict().items():  # weights near overflow (|w| ~ 1e4): relative tolerance
         torch.testing.assert_close(vectorised.state_dict()[name], value, atol=ATOL, rtol=1e-3, msg=name)
+
+
+def test_resuming_a_vectorised_run_at_a_round_end_reproduces_it(tmp_path):
+    def trainer(callbacks: list) -> L.Trainer:
+        return L.Trainer(
+            max_epochs=3,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+
+    def callback() -> RecordingCallback:
+        return RecordingCallback(clients_per_round=4, local_epochs=2, seed=3, vectorise=True)
+
+    straight, resumed = make_module(ADAM), make_module(ADAM)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
+    trainer([callback(), checkpoints]).fit(straight, datamodule=unequal_data())
+    (after_round_2,) = tmp_path.glob("epoch=1-*.ckpt")
+    second = callback()
+    trainer([second]).fit(resumed, datamodule=unequal_data(), ckpt_path=after_round_2)
+    assert second.vectorised is not None and [u.client_id for u in second.updates]  # round 3 ran, vectorised
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
