@@ -174,7 +174,9 @@ def test_add_stacked_equals_adding_clients_one_by_one():
     g = torch.Generator().manual_seed(0)
     template = {"w": torch.zeros(3, 2), "a": torch.zeros(4, 5), "n": torch.zeros((), dtype=torch.long)}
     roles = {"w": "shared", "a": "adaptor", "n": "shared"}
-    states = {"w": torch.randn(6, 3, 2, generator=g), "a": torch.randn(6, 4, 5, generator=g), "n": torch.arange(6)}
+    # "w" laid out transposed, as the vectorised loop stacks a linear weight (contracted on a permuted view)
+    w = torch.randn(6, 2, 3, generator=g).permute(0, 2, 1)
+    states = {"w": w, "a": torch.randn(6, 4, 5, generator=g), "n": torch.arange(6)}
     sizes, logits = torch.tensor([3, 1, 4, 1, 5, 9]), torch.randn(6, 4, generator=g)
     one_by_one, stacked = StreamingAggregator(template, roles), StreamingAggregator(template, roles)
     for i in range(6):
