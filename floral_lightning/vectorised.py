@@ -94,19 +94,24 @@ class StepGroup:
     y: torch.Tensor
 
 
-@dataclass
 class RoundBatch:
     """A whole round's training batches, stacked for :class:`VectorisedClients` (what the round loader serves
-    as its one item in vectorised mode; Lightning moves it to the device like any batch).
+    as its one item in vectorised mode; Lightning moves it to the device like any batch, through :meth:`to`).
 
     Client ``clients[i]`` has slot i in the stacks and ``num_steps[i]`` local steps; ``order`` lists the slots
     in the round's training order. ``steps[s]`` holds the groups of local step s.
+
+    A plain class, not a dataclass, so Lightning's collection helpers treat it as one object (moved by ``to``)
+    rather than walking and copying its fields.
     """
 
-    clients: list[int]
-    num_steps: list[int]
-    order: list[int]
-    steps: list[list[StepGroup]]
+    __slots__ = ("clients", "num_steps", "order", "steps")
+
+    def __init__(self, clients: list[int], num_steps: list[int], order: list[int], steps: list[list[StepGroup]]):
+        self.clients = clients
+        self.num_steps = num_steps
+        self.order = order
+        self.steps = steps
 
     def to(self, *args: Any, **kwargs: Any) -> RoundBatch:
         """The batch with every tensor moved by ``Tensor.to(*args, **kwargs)``. Lightning's ``batch_to_device``
