@@ -58,10 +58,17 @@ NOISY = RouterOptions(noise="gaussian", noise_std=0.5, temperature=2.0, min_prob
 
 
 def make_module(
-    optimizer: ClientOptimizer, rank: int = 1, num_adaptors: int = 3, router=NOISY, cls=RegressionModule, base=None
+    optimizer: ClientOptimizer,
+    rank: int = 1,
+    num_adaptors: int = 3,
+    router=NOISY,
+    cls=RegressionModule,
+    base=None,
+    **options,
 ):
     torch.manual_seed(0)
     extra = {} if num_adaptors == 0 else {"rank": rank, "alpha": 0.5, "router": router, "precondition": True}
+    extra.update(options)
     base = MLP(6, [8], 2) if base is None else base
     module = cls(base, num_clients=NUM_CLIENTS, num_adaptors=num_adaptors, optimizer=optimizer, **extra)
     if num_adaptors:
@@ -78,11 +85,13 @@ def run(module, vectorise: bool, rounds: int = 3, trainer_options: dict | None =
     return callback, trainer
 
 
-def assert_same_rounds(optimizer: ClientOptimizer, frozen: tuple[str, ...] = (), **module_options) -> None:
+def assert_same_rounds(
+    optimizer: ClientOptimizer, frozen: tuple[str, ...] = (), loop_options: dict | None = None, **module_options
+) -> None:
     sequential, vectorised = make_module(optimizer, **module_options), make_module(optimizer, **module_options)
     start = copy.deepcopy(sequential.state_dict())
-    seq_cb, seq_trainer = run(sequential, False)
-    vec_cb, vec_trainer = run(vectorised, True)
+    seq_cb, seq_trainer = run(sequential, False, **(loop_options or {}))
+    vec_cb, vec_trainer = run(vectorised, True, **(loop_options or {}))
     assert seq_cb.vectorised is None and vec_cb.vectorised is not None, vec_cb.sequential_reason
     # every client's report (its trained weights and logits), in the same order
     assert [u.client_id for u in vec_cb.updates] == [u.client_id for u in seq_cb.updates]
@@ -121,6 +130,14 @@ def test_vectorised_fedavg_rounds_equal_sequential_rounds():
 
 def test_uniform_noise_and_top_k_rounds_are_the_same():
     assert_same_rounds(SGD, router=RouterOptions(noise="uniform", noise_std=1.0, top_k=2))
+
+
+def test_a_learning_rate_schedule_and_a_server_optimizer_give_the_same_rounds():
+    """The client rates are read from the optimizer's groups every round (StepLR halves them); the server step
+    (FedAdam) is the round loop's own code in both modes."""
+    schedule = {"class_path": "StepLR", "init_args": {"step_size": 1, "gamma": 0.5}}
+    server = {"server_optimizer": "adam", "server_lr": 0.05}
+    assert_same_rounds(SGD, lr_scheduler=schedule, loop_options=server)
 
 
 def test_oracle_mixtures_rounds_are_the_same():
