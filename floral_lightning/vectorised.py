@@ -370,16 +370,13 @@ class VectorisedClients:
                 # written back after the step
                 start, count = group.start, len(group.positions)
                 idx = None if start is not None else group.positions.to(loss_sum.device)
-
                 leaves = {n: _take(t, start, count, idx).detach().requires_grad_(True) for n, t in trained.items()}
                 params = {n: leaves[n] for n in self.names}
-                th = (
-                    leaves["router"]
-                    if self.train_router
-                    else None
-                    if theta is None
-                    else _take(theta, start, count, idx)
-                )
+                th = None  # the group's router rows: trained (a leaf), frozen (oracle), or none (FedAvg)
+                if self.train_router:
+                    th = leaves["router"]
+                elif theta is not None:
+                    th = _take(theta, start, count, idx)
                 nz = None if noise is None else _take(noise[:, s], start, count, idx)
                 losses, penalised = self.losses(params, th, nz, group.x, group.y)
                 grads = dict(zip(leaves, torch.autograd.grad(penalised.sum(), list(leaves.values()))))
