@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from .federated import FederatedCallback
@@ -107,16 +110,51 @@ def _checkpoint_stamp(checkpoint: dict[str, Any]) -> tuple[int | None, int]:
     return (None if loop is None else loop["round"]), checkpoint["global_step"]
 
 
+class MixtureCheckpointIO(CheckpointIO):
+    """A ``CheckpointIO`` that writes ``<checkpoint>.mixtures.json`` beside every checkpoint it saves and removes
+    it with its checkpoint; the checkpoint itself is written (and loaded) by the wrapped ``inner`` IO.
+
+    The IO is where a checkpoint's path is known, so the mixtures file is named after its checkpoint here.
+    ``record`` gives the mixtures record of the model being saved, or ``None`` for a model without mixtures.
+    """
+
+    def __init__(self, inner: CheckpointIO, record: Callable[[], dict[str, Any] | None]) -> None:
+        self.inner = inner
+        self.record = record
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        record = self.record()
+        if record is not None:  # first: a crash before the checkpoint's write leaves the mixtures ahead, detectably
+            write_json_atomic(record, mixtures_path(path))
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        self.inner.remove_checkpoint(path)
+        mixtures_path(path).unlink(missing_ok=True)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
 class MixtureCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` (all its options apply) that writes ``<checkpoint>.mixtures.json`` beside each file.
 
-    Why ``_save_checkpoint``/``_remove_checkpoint`` are overridden: they are the only places that know the path
-    of the checkpoint being written or removed (``on_save_checkpoint`` gets the checkpoint's contents, not its
-    path, and there is no public hook for removal), and the mixtures file must be named after its checkpoint.
+    At setup it wraps the strategy's checkpoint IO in a :class:`MixtureCheckpointIO`, the public place that knows
+    the path of each checkpoint written or removed (a callback's checkpoint hook gets the contents, not the
+    path). Every checkpoint the trainer saves, this callback's or another's, gets its mixtures file.
     """
+
+    _said_no_mixtures = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if not isinstance(trainer.strategy.checkpoint_io, MixtureCheckpointIO):
+            trainer.strategy.checkpoint_io = MixtureCheckpointIO(
+                trainer.strategy.checkpoint_io, record=lambda: self._mixtures_record(trainer)
+            )
         if trainer.is_global_zero and self.dirpath is not None and Path(self.dirpath).is_dir():
             # left by a run killed in the middle of a write (ours, or fsspec's for the checkpoint)
             for stale in Path(self.dirpath).glob(f"*{TMP_SUFFIX}"):
@@ -130,15 +168,10 @@ class MixtureCheckpoint(ModelCheckpoint):
             if path.exists():
                 write_json_atomic(mixtures_record(trainer, pl_module), path)
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        if trainer.is_global_zero:
-            if trainer.lightning_module.client_mixtures() is None:  # e.g. FedAvg: a plain checkpoint
+    def _mixtures_record(self, trainer: L.Trainer) -> dict[str, Any] | None:
+        if trainer.lightning_module.client_mixtures() is None:  # e.g. FedAvg: a plain checkpoint
+            if not self._said_no_mixtures:
                 rank_zero_info("MixtureCheckpoint: the model has no client mixtures; writing checkpoints only")
-            else:  # first: a crash before the checkpoint's write leaves the mixtures ahead, detectably
-                write_json_atomic(mixtures_record(trainer, trainer.lightning_module), mixtures_path(filepath))
-        super()._save_checkpoint(trainer, filepath)
-
-    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._remove_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            mixtures_path(filepath).unlink(missing_ok=True)
+                self._said_no_mixtures = True
+            return None
+        return mixtures_record(trainer, trainer.lightning_module)

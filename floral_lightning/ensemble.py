@@ -156,7 +156,7 @@ class EnsembleModel(PersonalizedModel):
                 setattr(owner, attr, nn.Parameter(value[index].detach().clone(), requires_grad=value.requires_grad))
             for name, value in self.members.named_buffers():
                 owner, attr = _owner_of(member, name)
-                owner._buffers[attr] = value[index].clone()
+                setattr(owner, attr, value[index].clone())  # a registered buffer's name: stays a buffer
         return member
 
     @torch.no_grad()

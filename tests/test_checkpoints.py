@@ -62,6 +62,14 @@ def test_mixtures_file_has_the_checkpoints_mode_is_written_first_and_leaves_no_t
     assert record["round"] == 2 and record["global_step"] == torch.load(checkpoint, weights_only=True)["global_step"]
 
 
+def test_each_checkpoint_kept_has_its_mixtures_file_and_a_removed_one_takes_it_along(tmp_path):
+    # no monitor and save_top_k=1: each round's save removes the previous round's checkpoint
+    checkpoint = fit_with_checkpoints(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=2-step=36.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["epoch=2-step=36.mixtures.json", "last.mixtures.json"]
+    assert read_mixtures(checkpoint.best_model_path)["round"] == 3
+
+
 def test_stale_temporary_files_of_a_crashed_write_are_removed_when_a_run_starts(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     stale = [tmp_path / "last.mixtures.json.4242.tmp", tmp_path / "epoch=0-step=12.ckpt.tmp"]

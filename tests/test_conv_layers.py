@@ -207,17 +207,21 @@ def test_padding_modes_are_exact(mode, split):
     assert_close(base._conv_forward(x, base.weight + delta, bias), ref)
 
 
-def test_same_padding_asymmetric_1d():
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+def test_same_padding_asymmetric_1d(mode):
     torch.manual_seed(0)
-    base = nn.Conv1d(3, 4, 4, padding="same", dilation=1).double()  # even kernel: asymmetric padding
+    # even kernel and dilation 3: 'same' pads 4 before and 5 after; a non-'zeros' mode pads the input first
+    base = nn.Conv1d(3, 4, 4, padding="same", dilation=3, padding_mode=mode).double()
     layer = FloralConv(base, 2, rank=2, split="out")
     randomise_(layer)
-    x = torch.randn(2, 3, 9, dtype=torch.float64)
+    x = torch.randn(2, 3, 11, dtype=torch.float64)
     w = torch.rand(2, dtype=torch.float64)
     ref, _ = run_path(layer, "naive", x, w, None)
-    assert ref.shape == (2, 4, 9)
+    assert ref.shape == (2, 4, 11)
     assert_close(run_path(layer, "merged", x, w, None)[0], ref)
     assert_close(run_path(layer, "factorised", x, w, None)[0], ref)
+    delta = sum(w[c] * brute_force_kernel(layer, c) for c in range(2))
+    assert_close(base._conv_forward(x, base.weight + delta, base.bias + w @ layer.adaptor_bias), ref)
 
 
 # --- splits, shapes and ranks -------------------------------------------------------------------------------

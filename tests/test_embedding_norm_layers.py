@@ -229,6 +229,10 @@ def test_norm_unbatched_instance_input_and_errors():
     torch.testing.assert_close(layer(x, mixture=w), layer(x[None], mixture=w)[0])
     with pytest.raises(ValueError, match="unbatched"):
         layer(x, mixture=w[None].expand(3, -1))
+    with pytest.raises(ValueError, match=r"InstanceNorm1d: expected 2D or 3D input \(got 4D input\)"):
+        layer(torch.randn(2, 3, 4, 5), mixture=w)
+    with pytest.raises(ValueError, match=r"BatchNorm2d: expected 4D input \(got 3D input\)"):
+        FloralNorm(nn.BatchNorm2d(3), 2)(torch.randn(2, 3, 4), mixture=w)
     with pytest.raises(TypeError, match="uninitialised"):
         FloralNorm(nn.LazyBatchNorm1d(), 2)
     # no factors: preconditioning leaves the gradients alone

@@ -195,3 +195,22 @@ def scale_channels(w: torch.Tensor, rank: int, groups: int = 1) -> torch.Tensor:
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """View a per-sample ``[B, F]`` tensor so it broadcasts against ``like`` of shape ``[B, ..., F]``."""
     return v.view(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])
+
+
+def with_trailing_dims(v: torch.Tensor, n: int) -> torch.Tensor:
+    """``v`` viewed with ``n`` trailing singleton dims: a per-sample ``[B, F]`` against a channels-first
+    ``[B, F, *spatial]`` activation, or a per-adaptor ``[C]`` against a stacked ``[C, ...]`` factor."""
+    return v.view(*v.shape, *([1] * n))
+
+
+def gram_norm(t: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Frobenius norm of the Gram of each adaptor's factor in a stacked ``t: [C, M, ...]`` ([C]).
+
+    Shared by every layer whose factors are not rank-1 vectors (linear layers have a closed form).
+    ``M`` (dim 1 of every layout here) is the grouped channel dim; group j's block is flattened to a matrix
+    ``[M/g, -1]`` and the Gram is block-diagonal over the groups, so its norm is the root sum of squares of
+    the blocks' norms. ``M M^T`` and ``M^T M`` share their Frobenius norm, so the smaller is formed.
+    """
+    m = t.reshape(t.shape[0], groups, t.shape[1] // groups, -1)
+    gram = m @ m.transpose(-1, -2) if m.shape[-2] <= m.shape[-1] else m.transpose(-1, -2) @ m
+    return torch.linalg.matrix_norm(gram).pow(2).sum(1).sqrt()

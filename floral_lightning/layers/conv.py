@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FloralLayer, scale_channels
+from .base import FloralLayer, gram_norm, scale_channels, with_trailing_dims
 from .rank import RankSpec, init_factors_, resolve_rank
 
 CONV_SPLITS = ("balanced_2d", "balanced", "in", "out")
@@ -57,9 +57,15 @@ def kernel_sides(split: str, n_dims: int, in_channels: int, out_channels: int) -
     return (0,) * n_dims if split == "in" else (1,) * n_dims
 
 
-def _per_sample(v: torch.Tensor, n_dims: int) -> torch.Tensor:
-    """View a [B, F] tensor so it broadcasts against a [B, F, *spatial] activation."""
-    return v.view(*v.shape, *([1] * n_dims))
+def _pad_argument(base: nn.Module) -> tuple[int, ...]:
+    """``F.pad``'s argument for the base's padding (last dim first, each as (before, after)), as
+    ``nn.Conv*d`` computes it for a padding mode other than 'zeros'; 'same' pads an even kernel more after."""
+    if base.padding == "valid":
+        return (0, 0) * len(base.kernel_size)
+    if base.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(base.dilation, base.kernel_size)]
+        return tuple(p for total in reversed(totals) for p in (total // 2, total - total // 2))
+    return tuple(p for pad in reversed(base.padding) for p in (pad, pad))
 
 
 def _on_side(values: tuple, sides: tuple[int, ...], side: int, default) -> tuple:
@@ -131,7 +137,7 @@ class FloralConv(FloralLayer):
         self._pre_pad: tuple[int, ...] | None = None
         padding = base.padding
         if base.padding_mode != "zeros":
-            self._pre_pad = tuple(base._reversed_padding_repeated_twice)
+            self._pre_pad = _pad_argument(base)
             padding = (0,) * n
         elif padding == "valid":
             padding = (0,) * n
@@ -174,8 +180,11 @@ class FloralConv(FloralLayer):
         return F.pad(x, self._pre_pad, mode=self.base.padding_mode)
 
     def _base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The base op with another weight and bias (handles every padding mode)."""
-        return self.base._conv_forward(x, weight, bias)
+        """The base op with another weight and bias (every padding mode: a non-'zeros' one pads first)."""
+        base = self.base
+        padding = base.padding if self._pre_pad is None else 0
+        fn = _CONV_FNS[self.n_dims]
+        return fn(self._adaptor_input(x), weight, bias, base.stride, padding, base.dilation, base.groups)
 
     # --- stacked views: all C adaptors as one rank C*r pair, channels ordered (group, adaptor, rank) --------
     def _stack_grouped(self, t: torch.Tensor) -> torch.Tensor:
@@ -195,7 +204,7 @@ class FloralConv(FloralLayer):
     def _stacked(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacked weights of the first and second conv; ``scale`` [C] multiplies adaptor c's ``B``."""
         a = self.adaptor_A
-        b = self.adaptor_B if scale is None else self.adaptor_B * _per_sample(scale, self.adaptor_B.dim() - 1)
+        b = self.adaptor_B if scale is None else self.adaptor_B * with_trailing_dims(scale, self.adaptor_B.dim() - 1)
         if self.transposed:
             return self._stack_within(a), self._stack_grouped(b)
         return self._stack_grouped(a), self._stack_within(b)
@@ -212,7 +221,7 @@ class FloralConv(FloralLayer):
         la = "".join(_SPATIAL[d] for d in range(self.n_dims) if self.sides[d] == 0)
         lb = "".join(_SPATIAL[d] for d in range(self.n_dims) if self.sides[d] == 1)
         out_letters = _SPATIAL[: self.n_dims]
-        b = self.adaptor_B * _per_sample(self.alpha * w, self.adaptor_B.dim() - 1)
+        b = self.adaptor_B * with_trailing_dims(self.alpha * w, self.adaptor_B.dim() - 1)
         if self.transposed:  # K[i, o] = sum_q A[i, q] B[q, o] per group, layout [in, out/g, *k]
             a = self.adaptor_A.reshape(c, g, c_in // g, q, *ka)
             b = b.reshape(c, g, q, c_out // g, *kb)
@@ -231,10 +240,10 @@ class FloralConv(FloralLayer):
         g = self.base.groups
         a, b = self._stacked()
         h = self._first(self._adaptor_input(x), a, g)
-        h = h * _per_sample(self.alpha * scale_channels(w, self.rank, g), self.n_dims)
+        h = h * with_trailing_dims(self.alpha * scale_channels(w, self.rank, g), self.n_dims)
         out = self.base(x) + self._second(h, b, None, g)
         if self.adaptor_bias is not None:
-            out = out + _per_sample(self.alpha * (w @ self.adaptor_bias), self.n_dims)
+            out = out + with_trailing_dims(self.alpha * (w @ self.adaptor_bias), self.n_dims)
         return out
 
     def forward_naive(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -244,7 +253,7 @@ class FloralConv(FloralLayer):
         for c in range(self.num_adaptors):
             bias = None if self.adaptor_bias is None else self.adaptor_bias[c]
             delta = self._second(self._first(xa, self.adaptor_A[c], g), self.adaptor_B[c], bias, g)
-            out = out + self.alpha * _per_sample(w[:, c : c + 1], self.n_dims) * delta
+            out = out + self.alpha * with_trailing_dims(w[:, c : c + 1], self.n_dims) * delta
         return out
 
     @torch.no_grad()
@@ -252,28 +261,16 @@ class FloralConv(FloralLayer):
         """Divide adaptor c's grad of each factor by ``||G_c||_F + eps``, G_c the Gram of its other factor.
 
         Each factor is flattened per group to a matrix (its channel dim by everything else) whose Gram is taken;
-        for a grouped conv the Gram is block-diagonal over the groups (see :func:`_gram_norm`).
+        for a grouped conv the Gram is block-diagonal over the groups (see :func:`gram_norm`).
         """
         a, b, g = self.adaptor_A, self.adaptor_B, self.base.groups
         if a.grad is not None:
-            a.grad.div_(_per_sample(_gram_norm(b, g) + eps, a.dim() - 1))
+            a.grad.div_(with_trailing_dims(gram_norm(b, g) + eps, a.dim() - 1))
         if b.grad is not None:
-            b.grad.div_(_per_sample(_gram_norm(a, g) + eps, b.dim() - 1))
+            b.grad.div_(with_trailing_dims(gram_norm(a, g) + eps, b.dim() - 1))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, split={self.split!r}"
-
-
-def _gram_norm(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """Frobenius norm of the Gram of each adaptor's factor in a stacked ``t: [C, M, ...]`` ([C]).
-
-    ``M`` (dim 1 of every layout here) is the grouped channel dim; group j's block is flattened to a matrix
-    ``[M/g, -1]`` and the Gram is block-diagonal over the groups, so its norm is the root sum of squares of
-    the blocks' norms. ``M M^T`` and ``M^T M`` share their Frobenius norm, so the smaller is formed.
-    """
-    m = t.reshape(t.shape[0], groups, t.shape[1] // groups, -1)
-    gram = m @ m.transpose(-1, -2) if m.shape[-2] <= m.shape[-1] else m.transpose(-1, -2) @ m
-    return torch.linalg.matrix_norm(gram).pow(2).sum(1).sqrt()
 
 
 class FloralConvTranspose(FloralConv):

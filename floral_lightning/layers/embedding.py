@@ -21,13 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FloralLayer, per_sample, scale_channels
+from .base import FloralLayer, gram_norm, per_sample, scale_channels, with_trailing_dims
 from .rank import RankSpec, resolve_rank
-
-
-def _gram_norm(t: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of the Gram ``t_c^T t_c`` of each adaptor's factor in a stacked ``t: [C, M, r]`` ([C])."""
-    return torch.linalg.matrix_norm(t.transpose(1, 2) @ t)
 
 
 class FloralEmbedding(FloralLayer):
@@ -144,9 +139,9 @@ class FloralEmbedding(FloralLayer):
         """Divide adaptor c's grad of each factor by ``||G_c||_F + eps``, G_c the Gram of its other factor."""
         a, b = self.adaptor_A, self.adaptor_B
         if a.grad is not None:
-            a.grad.div_((_gram_norm(b) + eps)[:, None, None])
+            a.grad.div_(with_trailing_dims(gram_norm(b) + eps, 2))
         if b.grad is not None:
-            b.grad.div_((_gram_norm(a) + eps)[:, None, None])
+            b.grad.div_(with_trailing_dims(gram_norm(a) + eps, 2))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

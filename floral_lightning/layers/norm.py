@@ -24,13 +24,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .base import FloralLayer
 
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+# The input dims each kind accepts (torch's own rules: BatchNorm1d takes [B, F] or [B, F, L], ...); for an
+# InstanceNorm the first is its unbatched input. SyncBatchNorm takes any batched input. The Lazy* variants
+# subclass these.
+INPUT_DIMS: dict[type[nn.Module], tuple[int, ...] | None] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+    nn.SyncBatchNorm: None,
+    nn.InstanceNorm1d: (2, 3),
+    nn.InstanceNorm2d: (3, 4),
+    nn.InstanceNorm3d: (4, 5),
+}
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+NORM_TYPES = (*BATCH_NORMS, nn.LayerNorm, nn.GroupNorm, *INSTANCE_NORMS)
 
 
 class FloralNorm(FloralLayer):
@@ -53,12 +65,14 @@ class FloralNorm(FloralLayer):
             self.kind, shape = "layer", tuple(base.normalized_shape)
         elif isinstance(base, nn.GroupNorm):
             self.kind, shape = "group", (base.num_channels,)
-        elif isinstance(base, _BatchNorm):
+        elif isinstance(base, BATCH_NORMS):
             self.kind, shape = "batch", (base.num_features,)
-        elif isinstance(base, _InstanceNorm):
+        elif isinstance(base, INSTANCE_NORMS):
             self.kind, shape = "instance", (base.num_features,)
         else:
-            raise TypeError(f"FloralNorm adapts {NORM_TYPES}, not {type(base).__name__}")
+            raise TypeError(f"FloralNorm adapts {[t.__name__ for t in NORM_TYPES]}, not {type(base).__name__}")
+        #: the input dims the base accepts (None: any batched input, or no rule: LayerNorm, GroupNorm)
+        self.input_dims = next((d for t, d in INPUT_DIMS.items() if isinstance(base, t)), None)
         self.affine_shape = shape
         #: whether eval mode normalises with running statistics (which each adaptor then has its own of)
         self.tracks = self.kind in ("batch", "instance") and base.running_mean is not None
@@ -93,10 +107,11 @@ class FloralNorm(FloralLayer):
         return v.view(*lead, *self.affine_shape, *([1] * (x.dim() - 2)))
 
     def _check_input(self, x: torch.Tensor, per_sample: bool = True) -> bool:
-        """Run the base's input checks; True when ``x`` is an unbatched InstanceNorm input."""
-        if self.kind in ("batch", "instance"):
-            self.base._check_input_dim(x)
-        unbatched = self.kind == "instance" and x.dim() == self.base._get_no_batch_dim()
+        """Check ``x``'s dims as the base would; True when ``x`` is an unbatched InstanceNorm input."""
+        if self.input_dims is not None and x.dim() not in self.input_dims:
+            expected = " or ".join(f"{d}D" for d in self.input_dims)
+            raise ValueError(f"{type(self.base).__name__}: expected {expected} input (got {x.dim()}D input)")
+        unbatched = self.kind == "instance" and x.dim() == self.input_dims[0]
         if unbatched and per_sample:
             raise ValueError(
                 f"unbatched input of shape {tuple(x.shape)}: only the merged path (one mixture of shape "
