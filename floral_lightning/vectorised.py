@@ -75,9 +75,18 @@ STEP_HOOKS = (
     "on_before_optimizer_step",
     "on_before_zero_grad",
 )
-#: norm layers whose running statistics a training forward updates in place
-_RUNNING_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-_DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: norm layers whose running statistics a training forward updates in place (when ``track_running_stats``)
+_RUNNING_STATS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+#: layers that draw from the global RNG in training
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 #: the preconditioner's eps: FloralModel.precondition_gradients_'s default, which FloralModule uses
 PRECONDITION_EPS: float = inspect.signature(FloralModel.precondition_gradients_).parameters["eps"].default
 
