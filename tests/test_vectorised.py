@@ -287,6 +287,7 @@ def test_resuming_a_vectorised_run_at_a_round_end_reproduces_it(tmp_path):
         return L.Trainer(
             max_epochs=3,
             callbacks=callbacks,
+            default_root_dir=tmp_path,  # the resumed fit's own checkpoints land here, not in the working directory
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
