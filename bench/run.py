@@ -11,7 +11,8 @@ Sections (each module's docstring says exactly how it measures):
 - ``layers`` (bench/layers.py): training-step time of the naive, factorised and merged paths / bare base;
 - ``round`` (bench/rounds.py): one round through Trainer + FederatedCallback / a hand-written PyTorch loop;
 - ``fedavg_vs_floral`` (bench/rounds.py): FLoRAL round time / FedAvg round time;
-- ``tasks`` (bench/tasks.py): s/round of every shipped task, FLoRAL and FedAvg, Trainer and hand-written floor;
+- ``tasks`` (bench/tasks.py): s/round of every shipped task, FLoRAL and FedAvg, Trainer and hand-written floor
+  (and vectorised rounds on the small tasks);
 - ``evaluation`` (bench/evaluation.py): all clients' test sets with per-sample mixtures / one FedAvg model;
 - ``scaling`` (bench/scaling.py): round time and memory as registered and sampled clients grow;
 - ``startup`` (bench/startup.py): launching ``train.py fit`` to its first training step;

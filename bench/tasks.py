@@ -18,6 +18,11 @@ round has fewer steps; the per-step costs are the same). CIFAR-100 runs as the s
 - **Floor** rounds: :class:`bench.rounds.FloorLoop` on the same model, batches, optimizer groups, loss,
   preconditioning and p(k) / p(k|c) averaging in plain PyTorch (training only). Not for CIFAR-100: its
   config's server optimizer is Adam, which the floor does not implement.
+- **Vectorised** rounds (the small tasks, ``TaskSpec.vectorise``): ``Trainer.fit`` as the Trainer rounds, with
+  ``--federated.vectorise=true`` (the round's sampled clients trained at once, ``floral_lightning.vectorised``);
+  the run fails if the round loop fell back to one client after another. Compared with the Trainer rounds
+  (``vectorised round / sequential round``, target 1/3 for FLoRAL: at least 3x faster; FedAvg's rows are
+  context) and with the floor.
 
 Runs alternate in blocks (every method x runner pair once per block, order rotated); each run has one
 untimed warm-up round. Values are medians over the timed rounds of all blocks.
@@ -42,6 +47,8 @@ MNIST_NPZ = ROOT.parent / "shared" / "data" / "mnist_subset.npz"
 FEDAVG = ["--model.init_args.num_adaptors=0"]
 FLORAL_VS_FEDAVG_TARGET = 1.2  # FLoRAL s/round / FedAvg s/round (issue 13, part 1)
 TRAINER_VS_FLOOR_TARGET = 1.3  # Trainer round / floor round on the small tasks (issue 13, part 2)
+VECTORISED_TARGET = round(1 / 3, 4)  # vectorised round / sequential Trainer round: >= 3x (issue 13, part 3)
+VECTORISE = ["--federated.vectorise=true"]
 
 #: Reference FLoRAL (the paper's public implementation), s/round on this kind of machine, as given in issue 13
 #: (MNIST rotate with its data cached; CIFAR: the reference's CIFAR subset).
@@ -68,14 +75,21 @@ class TaskSpec:
     floor: bool = True
     trainer_vs_floor_target: float | None = None
     blocks: int = 2  # interleaving blocks in the full run (1 in --quick)
+    vectorise: bool = False  # also time vectorised rounds (federated.vectorise)
 
 
 TASKS: dict[str, TaskSpec] = {
-    "synthetic_linear": TaskSpec(("conf/synthetic_linear.yaml",), 20, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
-    "synthetic_mlp": TaskSpec(("conf/synthetic_mlp.yaml",), 4, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
-    "mnist_rotate": TaskSpec(("conf/mnist.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET),
+    "synthetic_linear": TaskSpec(
+        ("conf/synthetic_linear.yaml",), 20, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET, vectorise=True
+    ),
+    "synthetic_mlp": TaskSpec(
+        ("conf/synthetic_mlp.yaml",), 4, trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET, vectorise=True
+    ),
+    "mnist_rotate": TaskSpec(
+        ("conf/mnist.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET, vectorise=True
+    ),
     "mnist_label_shift": TaskSpec(
-        ("conf/mnist_label_shift.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET
+        ("conf/mnist_label_shift.yaml",), 6, "mnist", trainer_vs_floor_target=TRAINER_VS_FLOOR_TARGET, vectorise=True
     ),
     "cifar10_rotate": TaskSpec(("conf/cifar.yaml",), 2, "images", blocks=1),
     "cifar10_label_shift": TaskSpec(("conf/cifar_label_shift.yaml",), 2, "images", blocks=1),
@@ -192,6 +206,22 @@ def trainer_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds
     return times, cli.model
 
 
+def vectorised_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str):
+    """``trainer_run`` with the round's clients trained at once (``--federated.vectorise=true``); fails if the
+    round loop fell back to training them one after another (the row would then time the sequential loop)."""
+    epochs = warmup + rounds + 1
+    cli = _build(name, spec, [*extra, *VECTORISE], epochs, warmup + rounds, log_dir)
+    timer = PhaseTimer(stop_at=epochs)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, FederatedCallback))
+    if callback.vectorised is None:
+        raise RuntimeError(f"{name}: federated.vectorise fell back to sequential rounds: {callback.sequential_reason}")
+    times = timer.times()
+    times.rounds = times.rounds[warmup : warmup + rounds]
+    return times, cli.model
+
+
 def floor_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str):
     """The same rounds in the plain-PyTorch floor loop (training only)."""
     cli = _build(name, spec, extra, warmup + rounds + 1, warmup + rounds, log_dir)
@@ -213,12 +243,13 @@ def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[
     """Round times of every task's runs (method x runner), interleaved in blocks per task (``blocks``, or each
     task's own ``TaskSpec.blocks`` when ``None``)."""
     methods = {"FLoRAL": [], "FedAvg": FEDAVG}
-    runners: dict[str, Callable] = {"trainer": trainer_run, "floor": floor_run}
+    runners: dict[str, Callable] = {"trainer": trainer_run, "floor": floor_run, "vectorised": vectorised_run}
     results = {}
     with tempfile.TemporaryDirectory() as log_dir:
         for name, rounds in tasks.items():
             spec = TASKS[name]
-            runs = [(m, r) for m in methods for r in runners if r == "trainer" or spec.floor]
+            wanted = {"trainer": True, "floor": spec.floor, "vectorised": spec.vectorise}
+            runs = [(m, r) for m in methods for r in runners if wanted[r]]
             times = {run: RunTimes() for run in runs}
             finals = {}
             start = time.perf_counter()
@@ -232,9 +263,13 @@ def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[
             difference = {
                 m: _max_difference(finals[(m, "trainer")], finals[(m, "floor")]) for m in methods if spec.floor
             }
+            vectorised_difference = {
+                m: _max_difference(finals[(m, "trainer")], finals[(m, "vectorised")]) for m in methods if spec.vectorise
+            }
             results[name] = {
                 "times": times,
                 "max_abs_difference": difference,
+                "vectorised_max_abs_difference": vectorised_difference,
                 "val_interval": config_val_interval(spec),
                 "seconds": time.perf_counter() - start,
             }
@@ -292,6 +327,28 @@ def run(quick: bool = False, only: list[str] | None = None) -> Section:
                         },
                     )
                 )
+        if spec.vectorise:
+            for method in ("FLoRAL", "FedAvg"):
+                trainer, vectorised, floor = (method, "trainer"), (method, "vectorised"), (method, "floor")
+                figures.append(
+                    Figure(
+                        f"{name}: {method} vectorised round / sequential Trainer round",
+                        round(train[vectorised], 4),
+                        "s/round",
+                        ratio=round(train[vectorised] / train[trainer], 4),
+                        target=VECTORISED_TARGET if method == "FLoRAL" else None,  # FedAvg's: context
+                        detail={
+                            "speed_up": round(train[trainer] / train[vectorised], 2),
+                            "cpu_speed_up": round(cpu[trainer] / cpu[vectorised], 2),
+                            "speed_up_over_floor": None
+                            if floor not in train
+                            else round(train[floor] / train[vectorised], 2),
+                            "vectorised_s": spread([w for w, _ in times[vectorised].rounds]),
+                            "trainer_s": spread([w for w, _ in times[trainer].rounds]),
+                            "max_abs_difference_to_trainer": result["vectorised_max_abs_difference"][method],
+                        },
+                    )
+                )
         if name in REFERENCE_FLORAL:
             reference = REFERENCE_FLORAL[name]
             figures.append(
@@ -338,6 +395,33 @@ def summary_table(section: Section) -> str:
     return "\n".join(lines)
 
 
+def vectorised_table(section: Section) -> str:
+    """Sequential Trainer vs floor vs vectorised round, per task and method (the tasks with vectorised rows)."""
+    figures = {f.name: f for f in section.figures}
+    lines = [
+        "| task | method | Trainer s/round (sequential) | floor s/round | vectorised s/round | speed-up vs Trainer "
+        "(CPU time) | speed-up vs floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in section.params["tasks"]:
+        for method in ("FLoRAL", "FedAvg"):
+            vectorised = figures.get(f"{name}: {method} vectorised round / sequential Trainer round")
+            if vectorised is None:
+                continue
+            d = vectorised.detail
+            floor = d["speed_up_over_floor"]
+            floor_s = (
+                "-"
+                if floor is None
+                else f"{figures[f'{name}: {method} Trainer round / floor round'].detail['floor_s']['median']:.4f}"
+            )
+            lines.append(
+                f"| {name} | {method} | {d['trainer_s']['median']:.4f} | {floor_s} | {vectorised.value:.4f} | "
+                f"{d['speed_up']:.2f}x ({d['cpu_speed_up']:.2f}x) | {'-' if floor is None else f'{floor:.2f}x'} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
@@ -354,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     section = run(args.quick, args.tasks)
     print(summary_table(section))
+    if any(f.name.endswith("vectorised round / sequential Trainer round") for f in section.figures):
+        print()
+        print(vectorised_table(section))
     if args.out:
         Path(args.out).write_text(json.dumps(section.as_dict(), indent=2) + "\n")
 

@@ -28,11 +28,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
+from lightning.pytorch.utilities import rank_zero_info
 
 from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
 from floral_lightning.data.federated import is_padding
 from floral_lightning.distributed import ClientParallelStrategy, RoundSync, split_clients, sync_round
 from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
+from floral_lightning.vectorised import RoundBatch, VectorisedClients, probe, vectorise_reason
 
 
 def sample_clients(num_clients: int, clients_per_round: int | float, seed: int, round_idx: int) -> list[int]:
@@ -86,6 +88,11 @@ class FederatedCallback(Callback):
             update is dropped from the round (its mixture and private state stay as they were before the round), a
             warning names it, and
             ``round/skipped_clients`` logs how many were dropped.
+        vectorise: train each round's sampled clients at once, as one vectorised computation over stacked copies
+            of the federated tensors (``floral_lightning.vectorised``), instead of one after another through
+            Lightning's training loop: the same rounds to floating-point tolerance. Where the module, model,
+            optimizer, trainer or a callback cannot be vectorised, an info message names why and the clients
+            train one after another (README, "Clients in parallel").
 
     A non-finite aggregated weight after the server step always stops training (naming the round and the
     tensors): no client is left to blame.
@@ -103,6 +110,7 @@ class FederatedCallback(Callback):
         server_betas: tuple[float, float] = (0.9, 0.99),
         server_eps: float | None = None,
         skip_nonfinite_clients: bool = False,
+        vectorise: bool = False,
     ) -> None:
         if local_epochs < 1:
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
@@ -113,6 +121,11 @@ class FederatedCallback(Callback):
             server_optimizer, server_lr, server_adaptor_lr, server_momentum, tuple(server_betas), server_eps
         )
         self.skip_nonfinite_clients = skip_nonfinite_clients
+        self.vectorise = vectorise
+        #: the vectorised trainer of the fit in progress (``None``: clients train one after another), and why
+        #: a ``vectorise`` fit trains them one after another (``None`` when it does not)
+        self.vectorised: VectorisedClients | None = None
+        self.sequential_reason: str | None = None
         self.round = 0
         self.clients: list[int] = []
         # bound to the trainer's module and data in ``on_fit_start``
@@ -178,6 +191,9 @@ class FederatedCallback(Callback):
             )
         # Each round has its own clients, so the loader's length changes: Lightning must re-read it.
         trainer.reload_dataloaders_every_n_epochs = 1
+        if self.vectorise:
+            # a vectorised round is one Lightning batch whose training_step returns None on purpose
+            warnings.filterwarnings("ignore", message="`training_step` returned `None`")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -198,6 +214,35 @@ class FederatedCallback(Callback):
             self.server.load_state_dict(self._pending_server_state)
             self._pending_server_state = None
         self._start_round(trainer)
+        self._set_up_vectorised(trainer, pl_module)
+
+    def _set_up_vectorised(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``vectorise``, serve each round as one stacked ``RoundBatch`` and train it in
+        ``_train_vectorised``; otherwise (or where it cannot be vectorised, said once) batch by batch."""
+        self.vectorised = None
+        self.sequential_reason = None
+        if not self.vectorise:
+            return
+        reason = vectorise_reason(trainer, pl_module, self._loader)
+        if reason is None and trainer.world_size > 1:
+            # each process trains its share of the round through padded, lockstep batches (client_parallel)
+            reason = f"world_size={trainer.world_size}: several processes train their shares client by client"
+        if reason is None:
+            clients = VectorisedClients(pl_module, trainer.optimizers[0], self.seed)
+            try:
+                probe(clients, self._global, next(iter(self._loader)))  # the round's first batch
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+                reason = f"vmap cannot batch the model: {type(err).__name__}: {str(err).splitlines()[0]}"
+        if reason is not None:
+            self.sequential_reason = reason
+            rank_zero_info(f"federated.vectorise: clients train one after another: {reason}")
+            return
+        self.vectorised = clients
+        self._loader.whole_round = RoundBatch.collect
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._loader is not None and hasattr(self._loader, "whole_round"):
+            self._loader.whole_round = None  # the loader serves batches again outside this fit
 
     def _start_round(self, trainer: L.Trainer) -> None:
         num_clients = int(trainer.datamodule.num_clients)
@@ -220,6 +265,9 @@ class FederatedCallback(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if isinstance(batch, RoundBatch):
+            self._train_vectorised(trainer, pl_module, batch)
+            return
         if is_padding(batch):
             return
         client_id = int(batch[-1])
@@ -266,6 +314,47 @@ class FederatedCallback(Callback):
             self._aggregator.add(update.state, update.num_samples, update.logits)
         self._active_client = None
 
+    def _train_vectorised(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: RoundBatch) -> None:
+        """The round's clients trained at once; then each client's update, in order, as ``_finish_client`` does."""
+        state = pl_module.federated_state()
+        with torch.no_grad():
+            torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
+        for k in batch.clients:
+            self.on_client_start(trainer, pl_module, k)
+        result = self.vectorised.train_round(self.round, self._global, batch)
+        kept: list[int] = []  # the slots whose updates count (all, unless a non-finite one is skipped)
+        for i in batch.order:  # slot i holds client result.clients[i]; updates go in the round's order
+            k = result.clients[i]
+            self._active_client = k
+            client_state = result.client_state(i, self._global)
+            logits = pl_module.client_logits(k) if result.logits is None else result.logits[i]
+            problem = None
+            if result.nonfinite[i] is not None:
+                step, value = result.nonfinite[i]
+                problem = f"non-finite training loss ({value}) at local step {step}"
+            if problem is None and not result.finite_update[i]:
+                problem = _nonfinite_update(client_state, logits)  # None: finite after all (its sum overflowed)
+                if problem is not None:
+                    problem += f" after its last local step {batch.num_steps[i] - 1}"
+            if problem is not None:
+                self._nonfinite(trainer, problem)
+                self._skipped.append(k)
+                continue
+            if result.logits is not None:
+                with torch.no_grad():
+                    pl_module.client_logits(k).copy_(logits)  # a view of the router table row
+            kept.append(i)
+            update = ClientUpdate(k, client_state, int(self._train_sizes[k]), pl_module.client_logits(k))
+            self.on_client_update(trainer, pl_module, update)
+        self._active_client = None
+        # the kept clients' updates, as they are stacked: the same sums as adding them one by one
+        kept.sort()  # slot order: with every client kept, the stacks themselves (no gathered copy)
+        states, logits = result.stacked_updates(kept, self._global)
+        sizes = self._train_sizes[[result.clients[i] for i in kept]]
+        self._aggregator.add_stacked(states, sizes, logits)
+        mean = result.loss_sum / max(result.loss_count, 1)
+        pl_module.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=result.loss_count)
+
     def _nonfinite(self, trainer: L.Trainer, problem: str) -> None:
         """Stop the run on a non-finite loss or update of the active client, or (skipping) warn about it."""
         where = f"client {self._active_client} in round {self.round} (global step {trainer.global_step})"
@@ -282,6 +371,9 @@ class FederatedCallback(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if isinstance(batch, RoundBatch):
+            self._finish_round(trainer, pl_module)
+            return
         if is_padding(batch):
             if batch_idx + 1 == trainer.num_training_batches:  # a rank that trains no client this round
                 self._finish_round(trainer, pl_module)

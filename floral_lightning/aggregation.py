@@ -72,11 +72,7 @@ class StreamingAggregator:
         if self._shared:
             torch._foreach_add_([self._sums[k] for k in self._shared], [state[k] for k in self._shared], alpha=n)
         if self._adaptor:
-            joint = n * torch.softmax(logits.detach().float(), dim=-1)
-            sums = [self._sums[k] for k in self._adaptor]
-            weights = [joint.to(s).view(-1, *([1] * (s.dim() - 1))) for s in sums]
-            torch._foreach_addcmul_(sums, [state[k] for k in self._adaptor], weights)
-            self._adaptor_total = joint if self._adaptor_total is None else self._adaptor_total + joint
+            self._add_adaptors([state[k] for k in self._adaptor], n, logits)
         for k in self._integer:
             self._max[k] = state[k].clone() if k not in self._max else torch.maximum(self._max[k], state[k])
         self._shared_total += n
@@ -125,6 +121,42 @@ class StreamingAggregator:
                 self._max[name] = value.clone() if known is None else torch.maximum(known, value.to(known))
         self.num_clients = sum(int(p["num_clients"]) for p in partials)
 
+    def _add_adaptors(self, tensors: list[torch.Tensor], n: float, logits: torch.Tensor) -> None:
+        """Slice c of every adaptor tensor with weight ``n p(c|k)``, and the running total of those weights."""
+        joint = n * torch.softmax(logits.detach().float(), dim=-1)
+        sums = [self._sums[k] for k in self._adaptor]
+        weights = [joint.to(s).view(-1, *([1] * (s.dim() - 1))) for s in sums]
+        torch._foreach_addcmul_(sums, tensors, weights)
+        self._adaptor_total = joint if self._adaptor_total is None else self._adaptor_total + joint
+
+    @torch.no_grad()
+    def add_stacked(self, states: Mapping[str, torch.Tensor], num_samples: torch.Tensor, logits: torch.Tensor) -> None:
+        """:meth:`add` for S clients at once: ``states[name]`` is ``[S, ...]`` (a client's tensor is row s; an
+        expanded view does for a tensor no client changed), ``num_samples`` ``[S]``, ``logits`` ``[S, C]``.
+
+        The vectorised round loop's updates are already stacked: the shared tensors' sums are one contraction
+        over the clients each (their weights n_k are all positive, so only the rounding order differs from S
+        calls of :meth:`add`); the adaptor tensors are added client by client exactly as :meth:`add` does,
+        because an adaptor that the mixtures weight almost nowhere (oracle mixtures: p(c|k) ~ 1e-44) averages
+        with so few significant bits that another summation order would give another value.
+        """
+        n = torch.as_tensor(num_samples, dtype=torch.float64)
+        if len(n) == 0:
+            return
+        if bool((n <= 0).any()):
+            raise ValueError(f"num_samples={n.tolist()}: a client must report a positive train size")
+        if self._shared:
+            for k in self._shared:
+                self._sums[k] += _weighted_sum(n.to(states[k]), states[k])
+        if self._adaptor:
+            for i, n_i in enumerate(n.tolist()):
+                self._add_adaptors([states[k][i] for k in self._adaptor], n_i, logits[i])
+        for k in self._integer:
+            top = states[k].amax(0)
+            self._max[k] = top.clone() if k not in self._max else torch.maximum(self._max[k], top)
+        self._shared_total += float(n.sum())
+        self.num_clients += len(n)
+
     @torch.no_grad()
     def result(self, fallback: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The averages. An adaptor that no client weighted at all (possible only with underflowing
@@ -138,6 +170,17 @@ class StreamingAggregator:
             out[k] = torch.where(total > 0, avg, fallback[k])
         out.update(self._max)
         return out
+
+
+def _weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``sum_s weights[s] * stacked[s]`` as one contraction, on a permuted view where the stack is laid out in
+    another order than contiguous (a transposed stack would otherwise be copied first)."""
+    order = [0, *sorted(range(1, stacked.dim()), key=lambda d: -stacked.stride(d))]
+    view = stacked.permute(order)
+    if not view.is_contiguous():
+        return torch.tensordot(weights, stacked, dims=1)
+    inverse = [order.index(d) - 1 for d in range(1, stacked.dim())]
+    return torch.tensordot(weights, view, dims=1).permute(inverse)
 
 
 def aggregate(

@@ -26,6 +26,7 @@ from .personalized import PersonalizedModel, SharedModel
 from .pretrained import build_module, save_pretrained
 from .router import ClientMixtures
 from .tasks import Task, get_task
+from .vectorised import RoundBatch
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 
@@ -511,7 +512,11 @@ class FloralModule(L.LightningModule):
             return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
         return torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
 
-    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple | RoundBatch, batch_idx: int) -> torch.Tensor | None:
+        if isinstance(batch, RoundBatch):
+            # the round loop trained the whole round at once (federated.vectorise) in on_train_batch_start;
+            # None tells Lightning there is no loss to back-propagate and nothing for its optimizer to step
+            return None
         x, y, client_id = batch
         loss = self.compute_loss(self(x, client_id), y)
         self._record_train_loss(

@@ -77,11 +77,29 @@ class ClientMixtures(nn.Module):
     def forward(self, client_ids: int | torch.Tensor) -> torch.Tensor:
         """The mixture weights ``w`` for one client (``[C]``) or a batch of clients (``[B, C]``)."""
         theta = self.logits[client_ids]
+        noise = None
+        if self.draws_noise:
+            noise = (torch.rand_like if self.noise == "uniform" else torch.randn_like)(theta)
+        return self.mix(theta, noise)
+
+    @property
+    def draws_noise(self) -> bool:
+        """Whether a forward now draws training noise (train mode, a noise kind, a positive scale)."""
+        return self.training and self.noise != "none" and self.noise_std > 0
+
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Unit noise of ``shape`` from ``generator``: the draw ``forward`` makes from the global RNG, where
+        ``generator`` is seeded as the global RNG was (the vectorised round loop replays a client's draws)."""
+        draw = torch.rand if self.noise == "uniform" else torch.randn
+        return draw(shape, generator=generator, device=generator.device, dtype=self.logits.dtype)
+
+    def mix(self, theta: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The rule of the class docstring applied to logits ``theta`` (``[C]`` or ``[B, C]``) and unit training
+        ``noise`` of the same shape (``None``: no noise). A pure function of its inputs (``torch.func.vmap``
+        runs it once per client)."""
         # Called once per training step: scaling by 1 is skipped (the result is the same bit for bit), since
         # each op is a fixed cost next to a small model's step.
-        if self.training and self.noise != "none" and self.noise_std > 0:
-            draw = torch.rand_like if self.noise == "uniform" else torch.randn_like
-            noise = draw(theta)
+        if noise is not None:
             theta = theta + (noise if self.noise_std == 1.0 else self.noise_std * noise)
         if self.temperature != 1.0:
             theta = theta / self.temperature
@@ -100,7 +118,11 @@ class ClientMixtures(nn.Module):
 
     def entropy(self, client_ids: int | torch.Tensor) -> torch.Tensor:
         """Mean entropy of ``softmax(theta_k / T)`` over the given clients (differentiable)."""
-        log_p = F.log_softmax(self.logits[client_ids] / self.temperature, dim=-1)
+        return self.entropy_of(self.logits[client_ids])
+
+    def entropy_of(self, theta: torch.Tensor) -> torch.Tensor:
+        """Mean entropy of ``softmax(theta / T)`` over the rows of logits ``theta`` (``[C]`` or ``[B, C]``)."""
+        log_p = F.log_softmax(theta / self.temperature, dim=-1)
         return -(log_p.exp() * log_p).sum(-1).mean()
 
     def entropy_loss(self, client_ids: int | torch.Tensor) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,9 @@ class BatchPrep:
         return out
 
 
+#: what a round loader serves when set as its ``whole_round``: the round's ``(x, y, k)`` batches in -> one item
+WholeRound = Callable[[Iterator[tuple[Any, Any, int]]], Any]
+
 #: the client id of a padding batch (see :class:`_RoundSchedule`): no client trains on it
 PADDING_CLIENT = -1
 
@@ -135,6 +138,8 @@ class _RoundSchedule:
         self.round_idx = 0
         self._clients = list(range(num_clients))
         self.padding_batches = 0
+        #: when set (by the vectorised round loop), the round is served as one item: ``whole_round(batches)``
+        self.whole_round: WholeRound | None = None
 
     def _client_size(self, client_id: int) -> int:
         raise NotImplementedError
@@ -165,9 +170,18 @@ class _RoundSchedule:
         return math.ceil(self._client_size(client_id) / self.batch_size) * self.local_epochs
 
     def __len__(self) -> int:
+        if self.whole_round is not None:
+            return 1
         return self.padding_batches + sum(self.num_batches(k) for k in self._clients)
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
+    def __iter__(self) -> Iterator[Any]:
+        batches = self._batches()
+        if self.whole_round is not None:
+            yield self.whole_round(batches)
+            return
+        yield from batches
+
+    def _batches(self) -> Iterator[tuple[Any, Any, int]]:
         # snapshot the round so a set_round during iteration cannot mix two rounds
         round_idx, clients = self.round_idx, list(self._clients)
         for _ in range(self.padding_batches):
@@ -182,6 +196,10 @@ class RoundLoader(_RoundSchedule):
     batch is kept. Client k's epoch e of round r is shuffled (and augmented) by a generator seeded with
     ``(seed, r, k, e)``, so a round's batches do not depend on which other clients were sampled or on the
     global RNG. Before the first :meth:`set_round` the round is 0 with all clients.
+
+    ``whole_round`` (``None`` by default) serves the round as one item instead: the loader's length is 1 and
+    it yields ``whole_round(batches)`` of the same batches (the vectorised round loop,
+    ``floral_lightning.vectorised``, stacks them so that Lightning moves a whole round to the device at once).
     """
 
     def __init__(
