@@ -228,8 +228,8 @@ def test_a_sigterm_d_cell_is_left_out_the_other_recorded_and_rerunning_resumes_i
     # the floral1 cell never stopped (run beside the grid, to save time), for its value
     cell = Cell("synthetic_linear", "floral1", 0, 6)
     command = cell_command(cell, cell.run_dir(tmp_path / "reference"), [])
-    reference = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)  # fmt: skip
+    with (tmp_path / "reference.log").open("w") as log:  # a file, not a pipe that could fill up and block it
+        reference = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     first = experiments(*grid)  # fmt: skip
     assert first.returncode == 1, first.stderr[-3000:]
     assert results(out).keys() == {"fedavg"}
@@ -252,7 +252,7 @@ def test_a_sigterm_d_cell_is_left_out_the_other_recorded_and_rerunning_resumes_i
     assert [r for r, _ in curve] == ["1", "2", "3", "4", "5", "6"]
 
     # the same cell, never stopped: the resumed cell's value is its value, to the last digit
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     record = read_record(cell.run_dir(tmp_path / "reference"))
     assert judge(record, 6) is None
     assert float(results(out)["floral1"]["value"]) == summarise(record, 6)["value"]
