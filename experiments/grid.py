@@ -9,7 +9,9 @@ finished (``experiments.record.judge``: the requested rounds logged and checkpoi
 finished cell is recorded as soon as it ends, whatever happens to the others. A cell that did not finish is
 reported at the end with the reason, its command and its last lines; the exit code is 0 only if every cell of
 the grid is recorded. Running the same command again skips recorded cells and resumes the others from their
-newest round-end checkpoint (``--ckpt_path=last``), not from round 0. Each cell's output is in
+newest round-end checkpoint (``--ckpt_path=last``), not from round 0. SIGTERM or SIGINT to the grid stops
+its running cells at a round (one SIGTERM each), records those that finish meanwhile, writes the report and
+exits 128 + the signal. Each cell's output is in
 ``OUT/runs/TASK/METHOD/seedS_roundsR/train.log``.
 """
 
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -56,19 +60,48 @@ class Failure:
     tail: list[str]
 
 
-def run_cell(cell: Cell, command: list[str], run_dir: Path, threads: int) -> Outcome:
-    """Run one cell's ``train.py`` with ``threads`` torch threads, its output appended to ``run_dir/train.log``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    with (run_dir / LOG).open("a") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-        log.flush()
-        returncode = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.perf_counter() - t0
-    with (run_dir / WALLS).open("a") as f:
-        f.write(f"{wall:.1f}\n")
-    return Outcome(cell, command, returncode, wall)
+class Cells:
+    """The cells' live processes, so that a grid that is stopped can stop them (each at a round, with its
+    round-end checkpoint) instead of leaving them running unsupervised."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Send SIGTERM to every running cell, and start no more."""
+        with self.lock:
+            self.stopping = True
+            for process in self.live:
+                process.send_signal(signal.SIGTERM)
+
+    def run(self, cell: Cell, command: list[str], run_dir: Path, threads: int) -> Outcome | None:
+        """Run one cell's ``train.py`` with ``threads`` torch threads, its output appended to ``run_dir/train.log``;
+        None if the grid was stopped before it started."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+        t0 = time.perf_counter()
+        with (run_dir / LOG).open("a") as log:
+            with self.lock:  # no process starts after stop() has looked at the live ones
+                if self.stopping:
+                    return None
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+                log.flush()
+                # a session of its own: a Ctrl-C in the terminal reaches the grid alone, which sends each cell one
+                # SIGTERM (a second signal could cut a cell's clean stop short)
+                process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True)  # fmt: skip
+                self.live.add(process)
+            try:
+                returncode = process.wait()
+            finally:
+                with self.lock:
+                    self.live.discard(process)
+        wall = time.perf_counter() - t0
+        with (run_dir / WALLS).open("a") as f:
+            f.write(f"{wall:.1f}\n")
+        return Outcome(cell, command, returncode, wall)
 
 
 def last_lines(path: Path, n: int = TAIL_LINES) -> list[str]:
@@ -134,7 +167,8 @@ def record_cell(out: Path, outcome: Outcome, overhead: dict[tuple[str, str], tup
 
 
 def compare(args: argparse.Namespace) -> int:
-    """Run (or resume) the grid and write its report; 0 if every cell is recorded, 1 if not."""
+    """Run (or resume) the grid and write its report; 0 if every cell is recorded, 1 if not, 128 + the signal if
+    the grid was stopped by SIGTERM or SIGINT."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = {cell_key(r) for r in load_rows(out / "results.csv")}
@@ -148,34 +182,53 @@ def compare(args: argparse.Namespace) -> int:
     overhead: dict[tuple[str, str], tuple[int, int]] = {}
     failures: list[Failure] = []
     pending: set[Future] = set()
-    queue = deque(todo)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        try:
-            while queue or pending:
-                while queue and len(pending) < args.jobs:  # submit as slots free, so "running" is exact
+    queue, runner, stopped = deque(todo), Cells(), None
+
+    def collect(finished: set[Future]) -> None:
+        for future in finished:
+            progress.running -= 1
+            outcome = future.result()
+            if outcome is None:  # never started: the grid was stopped first
+                continue
+            progress.walls.append(outcome.wall_s)
+            result = record_cell(out, outcome, overhead, args.override)
+            if isinstance(result, Failure):
+                failures.append(result)
+                progress.failed += 1
+                what = f"INCOMPLETE {outcome.cell.name}: {result.reason}"
+            else:
+                progress.recorded += 1
+                what = f"recorded {outcome.cell.name}: {result['metric']} {result['value']:.4g}"
+            print(f"{what} ({outcome.wall_s:.0f} s) | {progress.summary()}", flush=True)
+
+    def on_signal(signum: int, frame) -> None:
+        # SIGTERM or SIGINT to the grid stops its cells at a round (their checkpoints kept); the loop below then
+        # records the cells that end meanwhile and writes the report: a stopped grid loses nothing and resumes.
+        # No exception is raised here, so no finished cell can be dropped between its end and its row.
+        nonlocal stopped
+        if stopped is None:
+            stopped = signal.Signals(signum)
+            runner.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            announced = False
+            while pending or (queue and stopped is None):
+                while queue and stopped is None and len(pending) < args.jobs:  # as slots free: "running" is exact
                     cell = queue.popleft()
                     run_dir = cell.run_dir(out)
-                    pending.add(pool.submit(run_cell, cell, cell_command(cell, run_dir, args.override), run_dir,
-                                            threads))  # fmt: skip
+                    command = cell_command(cell, run_dir, args.override)
+                    pending.add(pool.submit(runner.run, cell, command, run_dir, threads))
                     progress.running += 1
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    outcome = future.result()
-                    progress.running -= 1
-                    progress.walls.append(outcome.wall_s)
-                    result = record_cell(out, outcome, overhead, args.override)
-                    if isinstance(result, Failure):
-                        failures.append(result)
-                        progress.failed += 1
-                        what = f"INCOMPLETE {outcome.cell.name}: {result.reason}"
-                    else:
-                        progress.recorded += 1
-                        what = f"recorded {outcome.cell.name}: {result['metric']} {result['value']:.4g}"
-                    print(f"{what} ({outcome.wall_s:.0f} s) | {progress.summary()}", flush=True)
-        except KeyboardInterrupt:  # Ctrl-C reaches the cells too: they stop at a round and keep their checkpoints
-            queue.clear()
-            print(f"grid interrupted | {progress.summary()}; rerun the same command to resume", file=sys.stderr)
-            raise SystemExit(130) from None
+                if stopped is not None and not announced:
+                    announced = True
+                    print(f"grid: {stopped.name}: stopping the running cell(s) at a round", flush=True)
+                collect(finished)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     wall = time.perf_counter() - progress.start
     missing = report(out, args, wall)
     for failure in failures:
@@ -183,6 +236,10 @@ def compare(args: argparse.Namespace) -> int:
               f"{shlex.join(failure.command)}\n  last lines of {failure.cell.run_dir(out) / LOG}:",
               file=sys.stderr)  # fmt: skip
         print("\n".join(f"    {line}" for line in failure.tail), file=sys.stderr)
+    if stopped is not None:
+        print(f"\ngrid stopped by {stopped.name}: {len(missing)} of {len(cells)} cell(s) not recorded; rerun the "
+              "same command to resume them", file=sys.stderr)  # fmt: skip
+        return 128 + stopped
     if missing:
         print(f"\ngrid incomplete: {len(missing)} of {len(cells)} cell(s) not recorded "
               f"(listed in {out / 'results.md'}); rerun the same command to resume them", file=sys.stderr)  # fmt: skip

@@ -262,3 +262,31 @@ def test_a_sigterm_d_cell_is_left_out_the_other_recorded_and_rerunning_resumes_i
     assert main(grid) == 0  # everything recorded: nothing runs (in this process, so no cell could), complete
     assert "2 cell(s), 0 to run" in capsys.readouterr().out
     assert len(results(out)) == 2
+
+
+@pytest.mark.slow
+def test_a_grid_stopped_by_sigterm_stops_its_cell_at_a_round_exits_143_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "grid"
+    # the first cell sends SIGTERM to the grid (its parent) in the middle of round 3, once
+    stop = {
+        "class_path": "federated_helpers.SignalAtRound",
+        "init_args": {"marker": str(tmp_path / "sent"), "round_idx": 2, "step": 1, "to_parent": True},
+    }
+    grid = ["compare", "--tasks", "synthetic_linear", "--methods", "floral1", "fedavg", "--seeds", "0",
+            "--rounds", "4", "--out", str(out), f"--override=--trainer.callbacks+={json.dumps(stop)}"]  # fmt: skip
+    first = experiments(*grid)
+    assert first.returncode == 128 + 15, first.stderr[-3000:]
+    assert "grid: SIGTERM: stopping the running cell(s) at a round" in first.stdout
+    # the grid passed the SIGTERM on: the cell stopped as a SIGTERM'd train.py does, checkpoint of round 2 kept
+    assert "INCOMPLETE synthetic_linear/floral1/seed 0: exit 143; stopped at round 2 of 4" in first.stdout
+    assert "grid stopped by SIGTERM: 2 of 2 cell(s) not recorded" in first.stderr
+    assert not (out / "results.csv").exists()
+    report_md = (out / "results.md").read_text()
+    assert "- synthetic_linear/fedavg/seed 0: not run" in report_md  # the second cell never started
+    assert "- synthetic_linear/floral1/seed 0: stopped at round 2 of 4" in report_md
+
+    second = experiments(*grid)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert results(out).keys() == {"floral1", "fedavg"}
+    run_dir = Cell("synthetic_linear", "floral1", 0, 4).run_dir(out)
+    assert f"resuming from {run_dir}/csv/version_0/checkpoints/last.ckpt" in (run_dir / "train.log").read_text()
