@@ -137,7 +137,9 @@ class Progress:
         return text
 
 
-def record_cell(out: Path, outcome: Outcome, overhead: dict[tuple[str, str], tuple[int, int]], extra: list[str]):
+def record_cell(
+    out: Path, outcome: Outcome, overhead: dict[tuple[str, str], tuple[int, int]], extra: list[str]
+) -> dict | Failure:
     """Judge a cell that ended; write its row and curve if it finished, else return its :class:`Failure`."""
     cell, run_dir = outcome.cell, outcome.cell.run_dir(out)
     try:
