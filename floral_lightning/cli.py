@@ -143,10 +143,16 @@ def exit_if_stopped_by_signal(err: SystemExit, trainer: Any, subcommand: str, ar
         return
     where = f"stopped by {signum.name} during {subcommand}"
     if subcommand == "fit":
-        where = f"stopped by {signum.name} after round {completed_rounds(trainer)} of {trainer.max_epochs}"
+        where = f"stopped by {signum.name} after round {completed_rounds(trainer)}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:  # -1 or None: no limit
+            where += f" of {trainer.max_epochs}"
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "")
         if checkpoint and Path(checkpoint).is_file():
-            saved_round = _checkpoint_stamp(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True))[0]
+            try:
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+                saved_round = _checkpoint_stamp(saved)[0]
+            except Exception as read_error:  # the line must still come out, with the resume command
+                saved_round = f"unreadable: {type(read_error).__name__}"
             # --ckpt_path=last finds it when it is the run directory's newest last.ckpt; otherwise name the file
             found = find_last_checkpoint(Path(trainer.default_root_dir))
             resume = "last" if found is not None and found.samefile(checkpoint) else checkpoint
