@@ -22,9 +22,10 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def grid_commands(text: str) -> list[list[str]]:
-    """Every ``python -m experiments ...`` command of ``text`` (continuation lines joined), as arguments."""
+    """Every line of ``text`` that starts with ``python -m experiments`` (continuation lines joined), as the
+    runner's arguments."""
     text = text.replace("\\\n", " ")
-    return [shlex.split(line.strip("`"))[3:] for line in re.findall(r"`?python -m experiments [^\n]*", text)]
+    return [shlex.split(line)[3:] for line in re.findall(r"^python -m experiments [^\n]*", text, flags=re.M)]
 
 
 def test_every_grid_command_in_the_readme_and_the_committed_results_is_one_the_runner_accepts():
@@ -33,8 +34,9 @@ def test_every_grid_command_in_the_readme_and_the_committed_results_is_one_the_r
     commands = grid_commands(README.read_text())
     assert len(commands) == 2  # the how-to and the command of results/mnist
     for results_md in sorted((README.parent / "results").glob("*/results.md")):
-        (command,) = grid_commands(results_md.read_text().split("\n")[2])  # the report's "Command:" line
-        commands.append(command)
+        (line,) = re.findall(r"^Command: `(python -m experiments [^`]*)`$", results_md.read_text(), flags=re.M)
+        commands += grid_commands(line)
+    assert len(commands) == 5
     for argv in commands:
         args = parse_args(argv)  # exits (naming the argument) on anything it does not accept
         assert args.command == "compare" and args.tasks and args.methods
