@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -11,9 +13,11 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import FederatedCallback, FederatedProgressBar, RunReport
-from callbacks.run_report import flatten_options
+from callbacks.mixture_checkpoint import _checkpoint_stamp
+from callbacks.run_report import completed_rounds, flatten_options
 
 from .data import FederatedDataModule
 from .module import FloralModule
@@ -89,6 +93,8 @@ class FloralCLI(LightningCLI):
             config.lr_scheduler = None
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # the command line as given, for the resume command of a run stopped by a signal
+        self.argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand is not None:
@@ -96,6 +102,13 @@ class FloralCLI(LightningCLI):
             if self.config[subcommand].get("ckpt_path") is not None:
                 # a resumed run without a logger writes its config.yaml where the crashed run wrote its own
                 self.save_config_kwargs["overwrite"] = True
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as err:
+            exit_if_stopped_by_signal(err, self.trainer, subcommand, self.argv)
+            raise
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -133,6 +146,51 @@ def select_client_parallel(trainer: Any) -> None:
     )
     if several:
         trainer["strategy"] = "client_parallel"
+
+
+def exit_if_stopped_by_signal(err: SystemExit, trainer: Any, subcommand: str, argv: list[str]) -> None:
+    """Turn a run that a signal stopped into exit code 128 + the signal (143 for SIGTERM, 130 for SIGINT), after
+    one line on stderr saying at which round it stopped and the command that resumes it; any other exit returns.
+
+    Lightning ends a SIGTERM'd run with ``SIGTERMException`` (a ``SystemExit`` with code 0) and a Ctrl-C'd one with
+    ``sys.exit(1)`` raised while handling the ``KeyboardInterrupt``: without this, a grid (or a scheduler) would
+    take a run stopped at round 30 of 300 for a finished one. Neither path writes a checkpoint, so the newest
+    ``last.ckpt`` is the last round-end one (a mid-round state could not be resumed exactly) and is left as is.
+    """
+    if isinstance(err, SIGTERMException):
+        signum = signal.SIGTERM
+    elif isinstance(err.__context__, KeyboardInterrupt):  # sys.exit(1) inside Lightning's KeyboardInterrupt handler
+        signum = signal.SIGINT
+    else:
+        return
+    where = f"stopped by {signum.name} during {subcommand}"
+    if subcommand == "fit":
+        where = f"stopped by {signum.name} after round {completed_rounds(trainer)}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:  # -1 or None: no limit
+            where += f" of {trainer.max_epochs}"
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if checkpoint and Path(checkpoint).is_file():
+            try:
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+                saved_round = _checkpoint_stamp(saved)[0]
+            except Exception as read_error:  # the line must still come out, with the resume command
+                saved_round = f"unreadable: {type(read_error).__name__}"
+            # --ckpt_path=last finds it when it is the run directory's newest last.ckpt; otherwise name the file
+            found = find_last_checkpoint(Path(trainer.default_root_dir))
+            resume = "last" if found is not None and found.samefile(checkpoint) else checkpoint
+            args = [a for i, a in enumerate(argv) if not _is_ckpt_path_arg(argv, i)]
+            program = sys.argv[0] if sys.argv[0].endswith(".py") else "train.py"
+            command = shlex.join(["python", program, *args, f"--ckpt_path={resume}"])
+            where += f"; its last round-end checkpoint (round {saved_round}) is {checkpoint}; resume with: {command}"
+        else:
+            where += "; no round-end checkpoint was written, so a rerun starts from round 0"
+    print(f"train.py: {where}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum) from err
+
+
+def _is_ckpt_path_arg(argv: list[str], i: int) -> bool:
+    """Whether ``argv[i]`` is a ``--ckpt_path`` option or its value (``--ckpt_path=X`` or ``--ckpt_path X``)."""
+    return argv[i].startswith("--ckpt_path=") or argv[i] == "--ckpt_path" or (i > 0 and argv[i - 1] == "--ckpt_path")
 
 
 def resolve_resume(config: Any, subcommand: str) -> Any:

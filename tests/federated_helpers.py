@@ -67,3 +67,34 @@ class PauseMidRound(L.Callback):
         if trainer.current_epoch == self.round_idx and batch_idx == self.step:
             Path(self.marker).write_text(str(os.getpid()))
             time.sleep(600)  # never returns: the test kills the process here
+
+
+class SignalAtRound(L.Callback):
+    """Test helper for stop tests run as a subprocess: the process sends itself ``signum`` at local step ``step``
+    of round ``round_idx`` (0-based, so rounds ``1..round_idx`` are complete), a known point in the middle of a
+    round with no sleep to race against. It signals once: it writes ``marker`` first and never signals while
+    ``marker`` exists, so the very same command, rerun to resume, runs to the end. With ``only_under``, only a
+    run whose ``default_root_dir`` contains that text signals (one cell of a grid whose cells all get it). With
+    ``to_parent``, the signal goes to the parent process instead (a grid running the run as one of its cells)."""
+
+    def __init__(
+        self,
+        marker: str,
+        round_idx: int,
+        step: int = 0,
+        signum: int = 15,
+        only_under: str = "",
+        to_parent: bool = False,
+    ) -> None:
+        self.marker, self.round_idx, self.step = Path(marker), round_idx, step
+        self.signum, self.only_under, self.to_parent = signum, only_under, to_parent
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (
+            trainer.current_epoch == self.round_idx
+            and batch_idx == self.step
+            and self.only_under in str(trainer.default_root_dir)
+            and not self.marker.exists()
+        ):
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getppid() if self.to_parent else os.getpid(), self.signum)

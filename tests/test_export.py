@@ -13,9 +13,9 @@ from federated_helpers import linear_data
 from torch import nn
 
 from callbacks import FederatedCallback
+from experiments.cells import METHODS, TASKS, config_args, method_overrides
 from floral_lightning import FloralModel, FloralModule
 from floral_lightning.cli import main
-from floral_lightning.experiments import METHODS, TASKS, config_args, method_overrides
 from floral_lightning.export import main as export_main
 from floral_lightning.module import RegressionModule
 from floral_lightning.pretrained import build_module, load_pretrained, save_client_model, save_pretrained

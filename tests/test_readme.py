@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -18,3 +19,24 @@ def test_plain_pytorch_example_runs():
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in README.read_text()
+
+
+def grid_commands(text: str) -> list[list[str]]:
+    """Every line of ``text`` that starts with ``python -m experiments`` (continuation lines joined), as the
+    runner's arguments."""
+    text = text.replace("\\\n", " ")
+    return [shlex.split(line)[3:] for line in re.findall(r"^python -m experiments [^\n]*", text, flags=re.M)]
+
+
+def test_every_grid_command_in_the_readme_and_the_committed_results_is_one_the_runner_accepts():
+    from experiments.grid import parse_args
+
+    commands = grid_commands(README.read_text())
+    assert len(commands) == 2  # the how-to and the command of results/mnist
+    for results_md in sorted((README.parent / "results").glob("*/results.md")):
+        (line,) = re.findall(r"^Command: `(python -m experiments [^`]*)`$", results_md.read_text(), flags=re.M)
+        commands += grid_commands(line)
+    assert len(commands) == 5
+    for argv in commands:
+        args = parse_args(argv)  # exits (naming the argument) on anything it does not accept
+        assert args.command == "compare" and args.tasks and args.methods
