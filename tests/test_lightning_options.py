@@ -3,14 +3,15 @@ settings that would cut a round short refused by name."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from federated_helpers import linear_data
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import timer as timer_module
 from torch import nn
 
 from callbacks import FederatedCallback
@@ -126,19 +127,25 @@ def test_trainer_settings_that_cut_a_round_short_are_refused_by_name(setting, na
 
 
 class SlowRound(L.Callback):
-    """Makes every round last ``seconds`` (before the timer looks at the clock)."""
+    """Makes every round last ``seconds`` on the clock the timer reads (a fake one: the test must not depend on
+    how fast this machine trains a round)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
 
     def on_train_epoch_end(self, trainer, pl_module):
-        time.sleep(self.seconds)
+        self.now += self.seconds
 
 
-def test_an_epoch_timer_stops_at_the_end_of_a_round():
+def test_an_epoch_timer_stops_at_the_end_of_a_round(monkeypatch):
     module = RegressionModule(nn.Linear(10, 3), num_clients=6, num_adaptors=2, rank=1)
-    callback = FederatedCallback()
-    trainer = fit(module, 5, callback, SlowRound(0.6), Timer("00:00:00:01", interval="epoch"))
+    callback, slow = FederatedCallback(), SlowRound(0.6)
+    monkeypatch.setattr(timer_module, "time", SimpleNamespace(monotonic=slow.monotonic))  # the Timer's clock only
+    trainer = fit(module, 5, callback, slow, Timer("00:00:00:01", interval="epoch"))
     assert trainer.current_epoch == 2 and callback.round == 2  # two whole rounds, both aggregated
     assert callback._active_client is None
 
