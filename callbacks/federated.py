@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 from lightning.pytorch.utilities import rank_zero_info
 
+from floral_lightning import foreach
 from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
 from floral_lightning.data.federated import is_padding
 from floral_lightning.distributed import ClientParallelStrategy, RoundSync, split_clients, sync_round
@@ -281,7 +282,7 @@ class FederatedCallback(Callback):
         """Give the client the current global weights and a fresh optimizer (its mixture is already its own)."""
         state = pl_module.federated_state()
         with torch.no_grad():
-            torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
+            foreach.copy_([state[n] for n in self._global], list(self._global.values()))
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         # router noise and dropout: drawn from a stream of (seed, round, client), so a client's update does not
@@ -318,7 +319,7 @@ class FederatedCallback(Callback):
         """The round's clients trained at once; then each client's update, in order, as ``_finish_client`` does."""
         state = pl_module.federated_state()
         with torch.no_grad():
-            torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
+            foreach.copy_([state[n] for n in self._global], list(self._global.values()))
         for k in batch.clients:
             self.on_client_start(trainer, pl_module, k)
         result = self.vectorised.train_round(self.round, self._global, batch)
@@ -412,7 +413,7 @@ class FederatedCallback(Callback):
             )
         state = pl_module.federated_state()
         with torch.no_grad():
-            torch._foreach_copy_([state[n] for n in self._global], list(self._global.values()))
+            foreach.copy_([state[n] for n in self._global], list(self._global.values()))
         pl_module.log("round/clients", float(self._aggregator.num_clients), on_step=False, on_epoch=True, batch_size=1)
         if self.skip_nonfinite_clients:
             skipped = float(len(self.clients) - self._aggregator.num_clients)  # on every rank, all ranks' skips

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import foreach
+
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 
 
@@ -70,7 +72,7 @@ class StreamingAggregator:
         if n <= 0:
             raise ValueError(f"num_samples={num_samples}: a client must report a positive train size")
         if self._shared:
-            torch._foreach_add_([self._sums[k] for k in self._shared], [state[k] for k in self._shared], alpha=n)
+            foreach.add_([self._sums[k] for k in self._shared], [state[k] for k in self._shared], alpha=n)
         if self._adaptor:
             self._add_adaptors([state[k] for k in self._adaptor], n, logits)
         for k in self._integer:
@@ -126,7 +128,7 @@ class StreamingAggregator:
         joint = n * torch.softmax(logits.detach().float(), dim=-1)
         sums = [self._sums[k] for k in self._adaptor]
         weights = [joint.to(s).view(-1, *([1] * (s.dim() - 1))) for s in sums]
-        torch._foreach_addcmul_(sums, tensors, weights)
+        foreach.addcmul_(sums, tensors, weights)
         self._adaptor_total = joint if self._adaptor_total is None else self._adaptor_total + joint
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import foreach
 from .ensemble import EnsembleModel
 from .module import ClientOptimizer, FloralModule, RouterOptions
 from .seeding import Stream, seeded_generator
@@ -96,7 +97,7 @@ class ClientStates(nn.Module):
         self._check_client(k)
         self._check_names(tensors)
         if self.names:
-            torch._foreach_copy_([tensors[n] for n in self.names], [self._stored(n)[k] for n in self.names])
+            foreach.copy_([tensors[n] for n in self.names], [self._stored(n)[k] for n in self.names])
 
     @torch.no_grad()
     def store(self, k: int, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -104,7 +105,7 @@ class ClientStates(nn.Module):
         self._check_client(k)
         self._check_names(tensors)
         if self.names:
-            torch._foreach_copy_([self._stored(n)[k] for n in self.names], [tensors[n] for n in self.names])
+            foreach.copy_([self._stored(n)[k] for n in self.names], [tensors[n] for n in self.names])
 
     def extra_repr(self) -> str:
         return f"num_clients={self.num_clients}, tensors={len(self.names)}"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import foreach
 from .base import FloralLayer, per_sample, scale_channels
 from .rank import RankSpec, init_factors_, resolve_rank
 
@@ -140,8 +141,8 @@ def precondition_rank1_(layers: list[FloralLinear], eps: float = 1e-5) -> None:
 
     At rank 1, ``B_c^T B_c + eps`` is the scalar ``||B_c||^2 + eps`` (and ``A_c A_c^T + eps`` is
     ``||A_c||^2 + eps``), so each adaptor's factor gradient is divided by the squared norm of its other
-    factor plus eps. The squares and the divisions run as ``torch._foreach_*`` ops over the factors of every
-    layer: a handful of ops per step instead of two solves, two matmuls and an identity per layer.
+    factor plus eps. The squares and the divisions run as list ops (:mod:`floral_lightning.foreach`) over the
+    factors of every layer: a handful of ops per step instead of two solves, two matmuls and an identity per layer.
     """
     grads, others = [], []
     for layer in layers:
@@ -156,6 +157,6 @@ def precondition_rank1_(layers: list[FloralLinear], eps: float = 1e-5) -> None:
             others.append(a)
     if not grads:
         return
-    norms = [t.sum((1, 2), keepdim=True) for t in torch._foreach_mul(others, others)]  # [C, 1, 1] each
-    torch._foreach_add_(norms, eps)
-    torch._foreach_div_(grads, norms)
+    norms = [t.sum((1, 2), keepdim=True) for t in foreach.mul(others, others)]  # [C, 1, 1] each
+    foreach.add_(norms, eps)
+    foreach.div_(grads, norms)
