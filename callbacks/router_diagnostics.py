@@ -11,8 +11,9 @@
 * ``router/ari``: the adjusted Rand index of the clients' argmax adaptor against the true clusters (when the
   data module knows them).
 
-Values go to the trainer's loggers with the round as step, and to ``history`` (a list of dicts, one per round);
-with ``path`` set, the history is also written there as JSON after every round.
+Values go to the trainer's loggers with the rounds completed as step (as ``RunReport``'s evaluations), and
+to ``history`` (a list of dicts, one per round); with ``path`` set, the history is also written there as
+JSON after every round.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from floral_lightning.metrics import adjusted_rand_index
+
+from .run_report import completed_rounds
 
 __all__ = ["RouterDiagnostics", "adaptor_spread"]
 
@@ -72,8 +75,9 @@ class RouterDiagnostics(Callback):
         router = getattr(pl_module.model, "router", None)
         if router is None:
             return
+        round_idx = completed_rounds(trainer)  # the step RunReport gives the evaluation after this round
         row: dict[str, float] = {
-            "round": float(trainer.current_epoch),
+            "round": float(round_idx),
             "router/grad_norm": self._grad_sum / self._grad_steps if self._grad_steps else math.nan,
         }
         spreads = {name: adaptor_spread(layer) for name, layer in pl_module.model.floral_layers().items()}
@@ -84,7 +88,7 @@ class RouterDiagnostics(Callback):
             row["router/ari"] = adjusted_rand_index(clusters, router.logits.detach().argmax(dim=1).cpu())
         self.history.append(row)
         for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=trainer.current_epoch)
+            logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=round_idx)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.history))

@@ -228,7 +228,7 @@ def test_diagnostics_spread_ari_and_gradient_norm_are_the_hand_computed_values(t
     diagnostics = RouterDiagnostics(path=str(tmp_path / "diag.json"))
     m, d, _ = fit_with([AdaptorInitNoise(std=0.1, seed=0), diagnostics, steps], rounds=2)
     row = diagnostics.history[-1]
-    assert row["round"] == 1.0 and len(diagnostics.history) == 2
+    assert row["round"] == 2.0 and len(diagnostics.history) == 2
     assert row["router/grad_norm"] == pytest.approx(sum(steps.norms) / len(steps.norms))
     layer = next(iter(m.model.floral_layers().values()))
     deltas = [
