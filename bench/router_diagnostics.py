@@ -9,11 +9,17 @@ variant: per round the router gradient norm (mean over the round's local steps),
 of the C adaptors of a layer (mean over layers), the routing ARI of the clients' argmax adaptor, and the
 personalised validation metric; and a summary (final metric, first round with ARI >= 0.95). Everything,
 with the commands, goes to ``--out`` as JSON.
+
+    python bench/router_diagnostics.py --grid results/mnist --grid-methods floral1_cluster
+
+runs nothing: it prints, for every cell of a runner grid whose run log still exists, its value, final routing
+ARI and the first evaluated round from which the routing ARI stays >= 0.95.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import platform
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 
 from floral_lightning.cli import main
-from floral_lightning.experiments import TASKS, config_args, method_overrides, read_history
+from floral_lightning.experiments import RUN_LOG, TASKS, config_args, method_overrides, read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT.parent / "shared" / "data" / "mnist_subset.npz"
@@ -103,6 +109,25 @@ def table(name: str, result: dict, every: int) -> list[str]:
     return lines
 
 
+def grid_rows(out: Path, methods: list[str]) -> list[str]:
+    """Markdown rows, one per cell of a runner grid (``python -m floral_lightning.experiments``) in ``out`` whose
+    run log still exists: the cell's value, its final routing ARI and the first evaluated round from which
+    the routing ARI stays >= 0.95."""
+    lines = [f"| task | method | seed | value | routing ARI | first round with ARI >= {ARI_TARGET} |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    with (out / "results.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] in methods]
+    for r in rows:
+        log_dir = out / r["log_dir"]
+        if not any(log_dir.glob(RUN_LOG)):
+            continue
+        curve = [(int(step), value) for step, value in read_history(log_dir).get("val/routing_ari", [])]
+        first = first_round_at(curve, ARI_TARGET) if curve else None
+        lines.append(f"| {r['task']} | {r['method']} | {r['seed']} | {float(r['value']):.4g} | "
+                     f"{float(r['routing_ari']):.3f} | {first if first is not None else '-'} |")  # fmt: skip
+    return lines
+
+
 def main_cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="mnist_label_shift", choices=sorted(TASKS))
@@ -113,7 +138,12 @@ def main_cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--print-every", type=int, default=10, help="rows of the printed table, in rounds")
     parser.add_argument("--out", default="bench/router_diagnostics.json")
     parser.add_argument("--log-dir", default="lightning_logs/bench_router")
+    parser.add_argument("--grid", help="instead of running: per-cell routing table of this runner output folder")
+    parser.add_argument("--grid-methods", nargs="+", default=["floral1", "floral1_cluster"])
     args = parser.parse_args(argv)
+    if args.grid:
+        print("\n".join(grid_rows(Path(args.grid), args.grid_methods)))
+        return
     results = {
         "task": args.task, "seed": args.seed, "rounds": args.rounds, "eval_every": args.eval_every,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -96,13 +96,21 @@ def test_router_diagnostics_script_prints_each_variant_and_writes_its_curves(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### paper" in proc.stdout and "### cluster" in proc.stdout
     variants = json.loads(out.read_text())["variants"]
-    for result in variants.values():
+    for result in variants.values():  # the last one is the cluster run, used below
         assert [row["round"] for row in result["diagnostics"]] == [1.0, 2.0, 3.0]
         assert [r for r, _ in result["val"]["val/mse"]] == [1, 2, 3]
         assert result["final"] == result["val"]["val/mse"][-1][1]
     # synthetic linear's two clusters are found from the first updates: ARI 1 from the first round on
     assert variants["cluster"]["diagnostics"][0]["router/ari"] == 1.0
     assert variants["cluster"]["first_round_ari_target"] == 1
+    # --grid reads a runner folder's results.csv and each cell's run log: point one row at the cluster run
+    from bench.router_diagnostics import grid_rows
+
+    fields = "task,method,seed,rounds,value,routing_ari,log_dir"
+    row = f"synthetic_linear,floral1_cluster,0,3,{result['final']},1.0,logs/synthetic_linear/cluster/seed0"
+    (tmp_path / "results.csv").write_text(f"{fields}\n{row}\n")
+    lines = grid_rows(tmp_path, ["floral1_cluster"])
+    assert lines[2] == f"| synthetic_linear | floral1_cluster | 0 | {result['final']:.4g} | 1.000 | 1 |"
 
 
 def test_first_round_at_is_the_round_from_which_the_curve_stays_at_the_target():
