@@ -38,6 +38,9 @@ NPZ = ROOT.parent / "shared" / "data" / "mnist_subset.npz"
 VARIANTS: dict[str, list[str]] = {
     "paper": [],
     "cluster": ["--trainer.callbacks+=callbacks.ClusteredRouterInit"],
+    "cluster_logit5": [
+        '--trainer.callbacks+={"class_path": "callbacks.ClusteredRouterInit", "init_args": {"logit": 5.0}}'
+    ],
     "noise_b": ['--trainer.callbacks+={"class_path": "callbacks.AdaptorInitNoise", "init_args": {"std": 0.01}}'],
     "router_lr": ["--model.init_args.optimizer.router_lr=1.0"],
     "noise_b_router_lr": [
