@@ -13,7 +13,8 @@ with the commands, goes to ``--out`` as JSON.
     python bench/router_diagnostics.py --grid results/mnist --grid-methods floral1_cluster
 
 runs nothing: it prints, for every cell of a runner grid whose run log still exists, its value, final routing
-ARI and the first evaluated round from which the routing ARI stays >= 0.95.
+ARI and the first evaluated round from which the routing ARI stays >= 0.95; with ``--at-round R``, every
+stored curve's value at round R instead (runs of different lengths compared at one round).
 """
 
 from __future__ import annotations
@@ -131,6 +132,17 @@ def grid_rows(out: Path, methods: list[str]) -> list[str]:
     return lines
 
 
+def curve_rows(out: Path, methods: list[str], round_idx: int) -> list[str]:
+    """Markdown rows: every stored curve (``curves.csv`` of a runner folder) of ``methods`` at ``round_idx``,
+    so runs of different lengths compare at one round (a run's first R rounds do not depend on its length)."""
+    lines = [f"| task | method | seed | run's rounds | value at round {round_idx} |", "|---|---|---:|---:|---:|"]
+    with (out / "curves.csv").open() as f:
+        points = [r for r in csv.DictReader(f) if r["method"] in methods and int(r["round"]) == round_idx]
+    for r in sorted(points, key=lambda r: (r["task"], methods.index(r["method"]), int(r["seed"]), int(r["rounds"]))):
+        lines.append(f"| {r['task']} | {r['method']} | {r['seed']} | {r['rounds']} | {float(r['value']):.4g} |")
+    return lines
+
+
 def main_cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="mnist_label_shift", choices=sorted(TASKS))
@@ -143,9 +155,14 @@ def main_cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-dir", default="lightning_logs/bench_router")
     parser.add_argument("--grid", help="instead of running: per-cell routing table of this runner output folder")
     parser.add_argument("--grid-methods", nargs="+", default=["floral1", "floral1_cluster"])
+    parser.add_argument("--at-round", type=int, help="with --grid: each stored curve's value at this round")
     args = parser.parse_args(argv)
     if args.grid:
-        print("\n".join(grid_rows(Path(args.grid), args.grid_methods)))
+        grid = Path(args.grid)
+        if args.at_round is None:
+            print("\n".join(grid_rows(grid, args.grid_methods)))
+        else:
+            print("\n".join(curve_rows(grid, args.grid_methods, args.at_round)))
         return
     results = {
         "task": args.task, "seed": args.seed, "rounds": args.rounds, "eval_every": args.eval_every,

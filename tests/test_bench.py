@@ -119,3 +119,15 @@ def test_first_round_at_is_the_round_from_which_the_curve_stays_at_the_target():
     assert first_round_at([(1, 0.2), (2, 0.96), (3, 0.9), (4, 0.97), (5, 1.0)], 0.95) == 4
     assert first_round_at([(1, 0.99), (2, 0.96)], 0.95) == 1
     assert first_round_at([(1, 0.99), (2, 0.5)], 0.95) is None
+
+
+def test_curve_rows_compare_runs_of_different_lengths_at_one_round(tmp_path):
+    from bench.router_diagnostics import curve_rows
+
+    (tmp_path / "curves.csv").write_text(
+        "task,method,seed,rounds,round,value\n"
+        "t,floral1,0,2000,500,0.25\nt,floral1,0,2000,1000,0.125\n"
+        "t,floral1_cluster,0,500,500,0.5\nt,other,0,500,500,9.0\n"
+    )
+    rows = curve_rows(tmp_path, ["floral1_cluster", "floral1"], 500)
+    assert rows[2:] == ["| t | floral1_cluster | 0 | 500 | 0.5 |", "| t | floral1 | 0 | 2000 | 0.25 |"]
