@@ -42,6 +42,9 @@ VARIANTS: dict[str, list[str]] = {
     "cluster_logit5": [
         '--trainer.callbacks+={"class_path": "callbacks.ClusteredRouterInit", "init_args": {"logit": 5.0}}'
     ],
+    "cluster_reassign50": [
+        '--trainer.callbacks+={"class_path": "callbacks.ClusteredRouterInit", "init_args": {"reassign_every": 50}}'
+    ],
     "noise_b": ['--trainer.callbacks+={"class_path": "callbacks.AdaptorInitNoise", "init_args": {"std": 0.01}}'],
     "router_lr": ["--model.init_args.optimizer.router_lr=1.0"],
     "noise_b_router_lr": [
