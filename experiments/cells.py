@@ -41,6 +41,9 @@ METHODS: dict[str, tuple[str, str | None, list[str]]] = {
     "floral1_noprecond": ("FLoRAL(1%) no precond.", None, ["--model.init_args.rank=0.01",
                                                            "--model.init_args.precondition=false"]),
     "floral1_oracle": ("FLoRAL(1%) (oracle)", None, ["--model.init_args.rank=0.01", *ORACLE]),
+    # beyond the paper (issue 12): router logits from a clustering of the clients' first updates
+    "floral1_cluster": ("FLoRAL(1%) cluster init", None, ["--model.init_args.rank=0.01",
+                                                          "--trainer.callbacks+=callbacks.ClusteredRouterInit"]),
     "floral10": ("FLoRAL(10%)", None, ["--model.init_args.rank=0.1"]),
     "floral10_oracle": ("FLoRAL(10%) (oracle)", None, ["--model.init_args.rank=0.1", *ORACLE]),
     # FineTune and FedProx also run on top of FLoRAL; pin them to the plain base here

@@ -15,6 +15,9 @@ stream                   keys after the stream                           what it
 ``LOCAL_TRAINING``       ``round, client``                               router noise and dropout of a client's
                                                                          local training (the global torch RNG is
                                                                          seeded from it when the client starts)
+``ROUTER_INIT``          ``0``                                           the k-means++ seeds of
+                                                                         ``callbacks.ClusteredRouterInit``
+``ROUTER_INIT``          ``1``                                           ``callbacks.AdaptorInitNoise``'s draw
 =======================  ==============================================  =======================================
 
 The numbers are part of the results' identity: changing a tag changes every split and sample drawn from it.
@@ -38,6 +41,7 @@ class Stream(IntEnum):
     LOADER = 1
     FINETUNE = 2
     LOCAL_TRAINING = 3
+    ROUTER_INIT = 4
 
 
 class SplitStep(IntEnum):

@@ -32,11 +32,11 @@ def test_every_grid_command_in_the_readme_and_the_committed_results_is_one_the_r
     from experiments.grid import parse_args
 
     commands = grid_commands(README.read_text())
-    assert len(commands) == 2  # the how-to and the command of results/mnist
+    assert len(commands) == 5  # the how-to, the command of results/mnist, the three cluster-init grids
     for results_md in sorted((README.parent / "results").glob("*/results.md")):
         (line,) = re.findall(r"^Command: `(python -m experiments [^`]*)`$", results_md.read_text(), flags=re.M)
         commands += grid_commands(line)
-    assert len(commands) == 5
+    assert len(commands) == 8
     for argv in commands:
         args = parse_args(argv)  # exits (naming the argument) on anything it does not accept
         assert args.command == "compare" and args.tasks and args.methods
