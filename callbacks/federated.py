@@ -138,11 +138,10 @@ class FederatedCallback(Callback):
         self._active_client: int | None = None
         self._pending_server_state: dict | None = None
         # the active client's local step, its logits before training (restored if its update is dropped), and
-        # whether a non-finite loss was seen; the round's dropped clients
+        # whether a non-finite loss was seen
         self._local_step = 0
         self._logits_before: torch.Tensor | None = None
         self._nonfinite_loss: str | None = None
-        self._skipped: list[int] = []
         # several processes: every rank's clients this round, the first failure of this rank's clients (client,
         # message), and what the last round-end collective did
         self._shares: list[list[int]] | None = None
@@ -259,7 +258,6 @@ class FederatedCallback(Callback):
             self._loader.set_round(self.round, self.clients)
         self._aggregator = StreamingAggregator(self._global, self._roles)
         self._active_client = None
-        self._skipped = []
         self._failure = None
 
     # --- one client at a time ----------------------------------------------------------------------------
@@ -307,7 +305,6 @@ class FederatedCallback(Callback):
             # the logits row is a view of the router table: copying into it restores the client's mixture;
             # on_client_end is not called, so its stored private state (personal model, adaptor) is untouched
             pl_module.client_logits(k).copy_(self._logits_before)
-            self._skipped.append(k)
         else:
             pl_module.on_client_end(k)
             update = ClientUpdate(k, pl_module.federated_state(), int(self._train_sizes[k]), pl_module.client_logits(k))
@@ -339,7 +336,6 @@ class FederatedCallback(Callback):
                     problem += f" after its last local step {batch.num_steps[i] - 1}"
             if problem is not None:
                 self._nonfinite(trainer, problem)
-                self._skipped.append(k)
                 continue
             if result.logits is not None:
                 with torch.no_grad():
