@@ -103,11 +103,17 @@ def read_mixtures(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def _checkpoint_stamp(checkpoint: dict[str, Any]) -> tuple[int | None, int]:
-    # the round loop's state: the callback state with a round and server state (its key is the class's name)
+def checkpoint_round(checkpoint: dict[str, Any]) -> int | None:
+    """A loaded checkpoint's completed rounds, or ``None`` if it holds no round loop."""
+    # the round loop's state: the callback state with a round and server state (its key is the class's name,
+    # so a subclass of FederatedCallback is found too)
     states = checkpoint.get("callbacks", {}).values()
     loop = next((v for v in states if isinstance(v, dict) and {"round", "server_optimizer"} <= v.keys()), None)
-    return (None if loop is None else loop["round"]), checkpoint["global_step"]
+    return None if loop is None else int(loop["round"])
+
+
+def _checkpoint_stamp(checkpoint: dict[str, Any]) -> tuple[int | None, int]:
+    return checkpoint_round(checkpoint), checkpoint["global_step"]
 
 
 class MixtureCheckpointIO(CheckpointIO):

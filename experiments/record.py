@@ -72,10 +72,9 @@ def read_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
 def checkpoint_round(path: Path) -> int | None:
     """The completed rounds stored in a checkpoint (the round loop's state), or None if it has none."""
     import floral_lightning.module  # noqa: F401  (registers the option classes a checkpoint holds as safe to load)
+    from callbacks.mixture_checkpoint import checkpoint_round as round_of
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    loop = checkpoint.get("callbacks", {}).get("FederatedCallback")
-    return None if loop is None else int(loop["round"])
+    return round_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def read_record(run_dir: Path) -> RunRecord:

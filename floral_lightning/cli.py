@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks import FederatedCallback, FederatedProgressBar, RunReport
-from callbacks.mixture_checkpoint import _checkpoint_stamp
+from callbacks.mixture_checkpoint import checkpoint_round
 from callbacks.run_report import completed_rounds, flatten_options
 
 from .data import FederatedDataModule
@@ -172,7 +172,7 @@ def exit_if_stopped_by_signal(err: SystemExit, trainer: Any, subcommand: str, ar
         if checkpoint and Path(checkpoint).is_file():
             try:
                 saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-                saved_round = _checkpoint_stamp(saved)[0]
+                saved_round = checkpoint_round(saved)
             except Exception as read_error:  # the line must still come out, with the resume command
                 saved_round = f"unreadable: {type(read_error).__name__}"
             # --ckpt_path=last finds it when it is the run directory's newest last.ckpt; otherwise name the file

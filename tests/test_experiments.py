@@ -41,7 +41,8 @@ def write_metrics(run_dir: Path, version: int, rows: list[dict[str, float]]) -> 
 def write_checkpoint(run_dir: Path, version: int, rounds: int) -> Path:
     path = run_dir / "csv" / f"version_{version}" / "checkpoints" / "last.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {}, "callbacks": {"FederatedCallback": {"round": rounds}}}, path)
+    loop_state = {"round": rounds, "server_optimizer": {}}  # what the round loop's state holds (besides more)
+    torch.save({"state_dict": {}, "callbacks": {"FederatedCallback": loop_state}}, path)
     return path
 
 
