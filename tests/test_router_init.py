@@ -21,7 +21,7 @@ from callbacks.router_init import client_gradients, lowest_loss_adaptor, spheric
 from floral_lightning.data import FederatedDataModule, SyntheticLinear
 from floral_lightning.metrics import adjusted_rand_index
 from floral_lightning.module import RouterOptions
-from floral_lightning.seeding import seeded_generator
+from floral_lightning.seeding import Stream, seeded_generator
 from floral_lightning.tasks import RegressionModule
 
 NUM_CLIENTS = 8
@@ -141,6 +141,53 @@ def test_client_gradients_are_each_clients_full_batch_gradient_of_the_base():
         loss = ((x @ w.T + b - y) ** 2).mean()  # the adaptors add nothing while their second factor is zero
         loss.backward()
         torch.testing.assert_close(row, torch.cat([w.grad.flatten(), b.grad.flatten()]))
+
+
+def test_client_gradients_over_local_steps_sum_the_gradients_of_a_hand_written_descent():
+    m, d = module(), data()
+    d.setup("fit")
+    lr, steps = 0.05, 3
+    before = {n: t.detach().clone() for n, t in m.state_dict().items()}
+    rows = client_gradients(m, d, [2, 6], local_steps=steps, lr=lr)
+    (layer,) = m.model.floral_layers().values()
+    for row, k in zip(rows, [2, 6], strict=True):
+        x, y = d.client_split(k, "train")
+        w, b = layer.base.weight.detach().clone(), layer.base.bias.detach().clone()
+        w0, b0 = w.clone(), b.clone()
+        for _ in range(steps):  # full-batch gradient descent on the base alone
+            w.requires_grad_(), b.requires_grad_()
+            gw, gb = torch.autograd.grad(((x @ w.T + b - y) ** 2).mean(), (w, b))
+            w, b = (w - lr * gw).detach(), (b - lr * gb).detach()
+        # the sum of the gradients is the whole update over the step size
+        torch.testing.assert_close(row, torch.cat([(w0 - w).flatten(), (b0 - b).flatten()]) / lr)
+    for name, tensor in m.state_dict().items():  # the weights are restored
+        assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.parametrize("kwargs, match", [({"local_steps": 0}, "local_steps=0"), ({"local_steps": 2}, "lr=None")])
+def test_client_gradients_refuse_bad_steps(kwargs, match):
+    m, d = module(), data()
+    d.setup("fit")
+    with pytest.raises(ValueError, match=match):
+        client_gradients(m, d, [0], **kwargs)
+
+
+def test_local_steps_separate_the_synthetic_mlp_clusters_that_the_first_gradient_mixes():
+    """synthetic_mlp, seed 1 (the shipped config): the clients' first gradients at the random ReLU network group
+    them badly; their updates after 20 full-batch steps at the config's lr group them exactly."""
+    from floral_lightning.cli import main
+
+    cli = main(["--config", "conf/synthetic_mlp.yaml", "--seed_everything=1"], run=False)
+    m, d = cli.model, cli.datamodule
+    d.setup("fit")
+    clients = list(range(d.num_clients))
+    ari = {}
+    for steps in (1, 20):
+        rows = client_gradients(m, d, clients, local_steps=steps, lr=m.optimizer_options.lr)
+        groups = spherical_kmeans(rows, 4, seeded_generator(1, Stream.ROUTER_INIT, 0), restarts=10)
+        ari[steps] = adjusted_rand_index(d.clusters, groups)
+    assert ari[1] < 0.8
+    assert ari[20] == pytest.approx(1.0)
 
 
 def test_clustered_init_gives_one_cluster_one_argmax_and_the_logit_value():
