@@ -116,9 +116,10 @@ def cell_command(cell: Cell, run_dir: Path, extra: list[str]) -> list[str]:
     every = eval_every(cell.rounds)
     return [
         sys.executable, str(ROOT / "train.py"), "fit", *config_args(cell.task),
-        *method_overrides(cell.task, cell.method),
         f"--seed_everything={cell.seed}", f"--trainer.max_epochs={cell.rounds}",
+        # ``callbacks.init_args`` sets the last callback so far: the config's checkpoint, before a method appends one
         f"--trainer.check_val_every_n_epoch={every}", f"--trainer.callbacks.init_args.every_n_epochs={every}",
+        *method_overrides(cell.task, cell.method),
         f"--trainer.default_root_dir={run_dir}", f"--trainer.logger={LOGGERS.format(dir=run_dir)}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra, "--ckpt_path=last",
     ]  # fmt: skip

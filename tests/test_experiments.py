@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.cells import Cell, cell_command, eval_every
+from experiments.cells import METHODS, Cell, cell_command, eval_every
 from experiments.grid import Progress, main, parse_args
 from experiments.record import RunRecord, judge, read_record, summarise
 from experiments.report import FIELDS, append_rows, report, store_curve
@@ -115,6 +115,21 @@ def test_the_cell_command_resumes_logs_csv_first_and_checkpoints_at_every_evalua
     assert expected <= set(command)
     (logger,) = [a for a in command if a.startswith("--trainer.logger=")]
     assert logger.index("CSVLogger") < logger.index("TensorBoardLogger")  # checkpoints go under csv/version_*/
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_methods_cell_command_parses_and_checkpoints_at_every_evaluation(tmp_path, method):
+    """The interval goes to the config's checkpoint callback even where a method adds a callback of its own
+    (``--trainer.callbacks+=``; jsonargparse gives ``callbacks.init_args.*`` to the last callback)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from floral_lightning.cli import main as train_main
+
+    cell = Cell("synthetic_linear", method, 0, 300)
+    command = cell_command(cell, cell.run_dir(tmp_path), [])
+    cli = train_main(command[3:-1], run=False)  # after python train.py fit, before --ckpt_path
+    (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert checkpoint._every_n_epochs == 15
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
