@@ -18,6 +18,10 @@ round has fewer steps; the per-step costs are the same). CIFAR-100 runs as the s
 - **Floor** rounds: :class:`bench.rounds.FloorLoop` on the same model, batches, optimizer groups, loss,
   preconditioning and p(k) / p(k|c) averaging in plain PyTorch (training only). Not for CIFAR-100: its
   config's server optimizer is Adam, which the floor does not implement.
+- **Client-pass** rounds (the small tasks, ``TaskSpec.vectorise``): ``Trainer.fit`` as the Trainer rounds, with
+  ``--federated.client_passes=true`` (one Lightning step per client, ``floral_lightning.client_pass``); the run
+  fails if the round loop stayed batch by batch. Compared with the floor (target 1.3, issue 13 part 2) and with
+  FedAvg's client-pass rounds (target 1.2, part 1); their final weights must equal the Trainer rounds' exactly.
 - **Vectorised** rounds (the small tasks, ``TaskSpec.vectorise``): ``Trainer.fit`` as the Trainer rounds, with
   ``--federated.vectorise=true`` (the round's sampled clients trained at once, ``floral_lightning.vectorised``);
   the run fails if the round loop fell back to one client after another. Compared with the Trainer rounds
@@ -49,6 +53,7 @@ FLORAL_VS_FEDAVG_TARGET = 1.2  # FLoRAL s/round / FedAvg s/round (issue 13, part
 TRAINER_VS_FLOOR_TARGET = 1.3  # Trainer round / floor round on the small tasks (issue 13, part 2)
 VECTORISED_TARGET = round(1 / 3, 4)  # vectorised round / sequential Trainer round: >= 3x (issue 13, part 3)
 VECTORISE = ["--federated.vectorise=true"]
+CLIENT_PASSES = ["--federated.client_passes=true"]
 
 #: Reference FLoRAL (the paper's public implementation), s/round on this kind of machine, as given in issue 13
 #: (MNIST rotate with its data cached; CIFAR: the reference's CIFAR subset).
@@ -222,6 +227,22 @@ def vectorised_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rou
     return times, cli.model
 
 
+def client_pass_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str):
+    """``trainer_run`` with one Lightning step per client (``--federated.client_passes=true``); fails if the round
+    loop stayed batch by batch (the row would then time the per-batch loop)."""
+    epochs = warmup + rounds + 1
+    cli = _build(name, spec, [*extra, *CLIENT_PASSES], epochs, warmup + rounds, log_dir)
+    timer = PhaseTimer(stop_at=epochs)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, FederatedCallback))
+    if callback.batch_by_batch_reason is not None:
+        raise RuntimeError(f"{name}: federated.client_passes stayed batch by batch: {callback.batch_by_batch_reason}")
+    times = timer.times()
+    times.rounds = times.rounds[warmup : warmup + rounds]
+    return times, cli.model
+
+
 def floor_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str):
     """The same rounds in the plain-PyTorch floor loop (training only)."""
     cli = _build(name, spec, extra, warmup + rounds + 1, warmup + rounds, log_dir)
@@ -243,12 +264,17 @@ def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[
     """Round times of every task's runs (method x runner), interleaved in blocks per task (``blocks``, or each
     task's own ``TaskSpec.blocks`` when ``None``)."""
     methods = {"FLoRAL": [], "FedAvg": FEDAVG}
-    runners: dict[str, Callable] = {"trainer": trainer_run, "floor": floor_run, "vectorised": vectorised_run}
+    runners: dict[str, Callable] = {
+        "trainer": trainer_run,
+        "floor": floor_run,
+        "passes": client_pass_run,
+        "vectorised": vectorised_run,
+    }
     results = {}
     with tempfile.TemporaryDirectory() as log_dir:
         for name, rounds in tasks.items():
             spec = TASKS[name]
-            wanted = {"trainer": True, "floor": spec.floor, "vectorised": spec.vectorise}
+            wanted = {"trainer": True, "floor": spec.floor, "passes": spec.vectorise, "vectorised": spec.vectorise}
             runs = [(m, r) for m in methods for r in runners if wanted[r]]
             times = {run: RunTimes() for run in runs}
             finals = {}
@@ -266,10 +292,14 @@ def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[
             vectorised_difference = {
                 m: _max_difference(finals[(m, "trainer")], finals[(m, "vectorised")]) for m in methods if spec.vectorise
             }
+            passes_difference = {
+                m: _max_difference(finals[(m, "trainer")], finals[(m, "passes")]) for m in methods if spec.vectorise
+            }
             results[name] = {
                 "times": times,
                 "max_abs_difference": difference,
                 "vectorised_max_abs_difference": vectorised_difference,
+                "passes_max_abs_difference": passes_difference,
                 "val_interval": config_val_interval(spec),
                 "seconds": time.perf_counter() - start,
             }
@@ -327,6 +357,39 @@ def run(quick: bool = False, only: list[str] | None = None) -> Section:
                         },
                     )
                 )
+        if spec.vectorise and spec.floor:
+            for method in ("FLoRAL", "FedAvg"):
+                passes, floor = (method, "passes"), (method, "floor")
+                figures.append(
+                    Figure(
+                        f"{name}: {method} one step per client: Trainer round / floor round",
+                        round(train[passes], 4),
+                        "s/round",
+                        ratio=round(train[passes] / train[floor], 3),
+                        target=spec.trainer_vs_floor_target,
+                        detail={
+                            "floor_s": spread([w for w, _ in times[floor].rounds]),
+                            "client_pass_s": spread([w for w, _ in times[passes].rounds]),
+                            "cpu_ratio": round(cpu[passes] / cpu[floor], 3),
+                            "speed_up_over_one_step_per_batch": round(train[(method, "trainer")] / train[passes], 2),
+                            "max_abs_difference_to_trainer": result["passes_max_abs_difference"][method],
+                        },
+                    )
+                )
+            figures.append(
+                Figure(
+                    f"{name}: one step per client: FLoRAL round / FedAvg round",
+                    round(train[("FLoRAL", "passes")], 4),
+                    "s/round",
+                    ratio=round(train[("FLoRAL", "passes")] / train[("FedAvg", "passes")], 3),
+                    target=FLORAL_VS_FEDAVG_TARGET,
+                    detail={
+                        "fedavg_s": round(train[("FedAvg", "passes")], 4),
+                        "floor_ratio": round(train[("FLoRAL", "floor")] / train[("FedAvg", "floor")], 3),
+                        "cpu_ratio": round(cpu[("FLoRAL", "passes")] / cpu[("FedAvg", "passes")], 3),
+                    },
+                )
+            )
         if spec.vectorise:
             for method in ("FLoRAL", "FedAvg"):
                 trainer, vectorised, floor = (method, "trainer"), (method, "vectorised"), (method, "floor")
@@ -395,6 +458,30 @@ def summary_table(section: Section) -> str:
     return "\n".join(lines)
 
 
+def client_pass_table(section: Section) -> str:
+    """One Lightning step per batch vs per client vs the floor, per task and method (the tasks with those rows)."""
+    figures = {f.name: f for f in section.figures}
+    lines = [
+        "| task | method | per batch s/round | per client s/round | floor s/round | per batch / floor | "
+        "per client / floor | FLoRAL / FedAvg per client (floor) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in section.params["tasks"]:
+        versus = figures.get(f"{name}: one step per client: FLoRAL round / FedAvg round")
+        for method in ("FLoRAL", "FedAvg"):
+            passes = figures.get(f"{name}: {method} one step per client: Trainer round / floor round")
+            if passes is None:
+                continue
+            batch = figures[f"{name}: {method} Trainer round / floor round"]
+            d = passes.detail
+            last = f"{versus.ratio:.2f}x ({versus.detail['floor_ratio']:.2f}x)" if method == "FLoRAL" else ""
+            lines.append(
+                f"| {name} | {method} | {batch.value:.4f} | {passes.value:.4f} | {d['floor_s']['median']:.4f} | "
+                f"{batch.ratio:.2f}x | {passes.ratio:.2f}x | {last} |"
+            )
+    return "\n".join(lines)
+
+
 def vectorised_table(section: Section) -> str:
     """Sequential Trainer vs floor vs vectorised round, per task and method (the tasks with vectorised rows)."""
     figures = {f.name: f for f in section.figures}
@@ -438,6 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     section = run(args.quick, args.tasks)
     print(summary_table(section))
+    if any("one step per client" in f.name for f in section.figures):
+        print()
+        print(client_pass_table(section))
     if any(f.name.endswith("vectorised round / sequential Trainer round") for f in section.figures):
         print()
         print(vectorised_table(section))

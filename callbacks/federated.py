@@ -32,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from floral_lightning import foreach
 from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
-from floral_lightning.data.federated import is_padding
+from floral_lightning.client_pass import client_pass_reason, train_earlier_batches
+from floral_lightning.data.federated import ClientPass, is_padding
 from floral_lightning.distributed import ClientParallelStrategy, RoundSync, split_clients, sync_round
 from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
 from floral_lightning.vectorised import RoundBatch, VectorisedClients, probe, vectorise_reason
@@ -94,6 +95,13 @@ class FederatedCallback(Callback):
             Lightning's training loop: the same rounds to floating-point tolerance. Where the module, model,
             optimizer, trainer or a callback cannot be vectorised, an info message names why and the clients
             train one after another (README, "Clients in parallel").
+        client_passes: train each sampled client's local batches inside one Lightning training step (the step of
+            its last batch; ``floral_lightning.client_pass``) instead of one step per batch: the same rounds, bit
+            for bit, with Lightning's per-step costs paid once per client. Callbacks' batch hooks,
+            ``trainer.global_step`` and ``log_every_n_steps`` then count clients. Where Lightning's step does more
+            than a plain optimizer step (gradient clipping, mixed precision, backward or optimizer-step hooks),
+            an info message names why and the loop stays batch by batch (README, "One Lightning step per
+            client"). With ``vectorise`` too, a round that vectorises is not split into client passes.
 
     A non-finite aggregated weight after the server step always stops training (naming the round and the
     tensors): no client is left to blame.
@@ -112,6 +120,7 @@ class FederatedCallback(Callback):
         server_eps: float | None = None,
         skip_nonfinite_clients: bool = False,
         vectorise: bool = False,
+        client_passes: bool = False,
     ) -> None:
         if local_epochs < 1:
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
@@ -123,10 +132,13 @@ class FederatedCallback(Callback):
         )
         self.skip_nonfinite_clients = skip_nonfinite_clients
         self.vectorise = vectorise
+        self.client_passes = client_passes
         #: the vectorised trainer of the fit in progress (``None``: clients train one after another), and why
         #: a ``vectorise`` fit trains them one after another (``None`` when it does not)
         self.vectorised: VectorisedClients | None = None
         self.sequential_reason: str | None = None
+        #: why a ``client_passes`` fit steps Lightning batch by batch (``None`` when it does not)
+        self.batch_by_batch_reason: str | None = None
         self.round = 0
         self.clients: list[int] = []
         # bound to the trainer's module and data in ``on_fit_start``
@@ -215,6 +227,7 @@ class FederatedCallback(Callback):
             self._pending_server_state = None
         self._start_round(trainer)
         self._set_up_vectorised(trainer, pl_module)
+        self._set_up_client_passes(trainer, pl_module)
 
     def _set_up_vectorised(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``vectorise``, serve each round as one stacked ``RoundBatch`` and train it in
@@ -240,9 +253,25 @@ class FederatedCallback(Callback):
         self.vectorised = clients
         self._loader.whole_round = RoundBatch.collect
 
+    def _set_up_client_passes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``client_passes`` (and no vectorised rounds), serve each client's batches as one ``ClientPass``;
+        where Lightning's step does more than a plain optimizer step, say why once and stay batch by batch."""
+        self.batch_by_batch_reason = None
+        if not self.client_passes or self.vectorised is not None:
+            return
+        reason = client_pass_reason(trainer, pl_module, self._loader)
+        if reason is not None:
+            self.batch_by_batch_reason = reason
+            rank_zero_info(f"federated.client_passes: one Lightning step per batch: {reason}")
+            return
+        self._loader.client_passes = True
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the loader serves batches again outside this fit
         if self._loader is not None and hasattr(self._loader, "whole_round"):
-            self._loader.whole_round = None  # the loader serves batches again outside this fit
+            self._loader.whole_round = None
+        if self._loader is not None and hasattr(self._loader, "client_passes"):
+            self._loader.client_passes = False
 
     def _start_round(self, trainer: L.Trainer) -> None:
         num_clients = int(trainer.datamodule.num_clients)
@@ -270,11 +299,14 @@ class FederatedCallback(Callback):
         if is_padding(batch):
             return
         client_id = int(batch[-1])
-        if client_id == self._active_client:
-            return
-        if self._active_client is not None:
-            self._finish_client(trainer, pl_module)
-        self._start_client(trainer, pl_module, client_id)
+        if client_id != self._active_client:
+            if self._active_client is not None:
+                self._finish_client(trainer, pl_module)
+            self._start_client(trainer, pl_module, client_id)
+        if isinstance(batch, ClientPass):
+            # the client's batches before its last, which Lightning's step trains next
+            after_step = lambda loss: self._after_local_step(trainer, loss)  # noqa: E731
+            train_earlier_batches(trainer, batch.earlier, batch_idx, after_step)
 
     def _start_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client_id: int) -> None:
         """Give the client the current global weights and a fresh optimizer (its mixture is already its own)."""
@@ -375,19 +407,25 @@ class FederatedCallback(Callback):
             if batch_idx + 1 == trainer.num_training_batches:  # a rank that trains no client this round
                 self._finish_round(trainer, pl_module)
             return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if self._nonfinite_loss is None and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
-            self._nonfinite_loss = f"non-finite training loss ({loss.item()}) at local step {self._local_step}"
-            if not self.skip_nonfinite_clients:
-                self._nonfinite(trainer, self._nonfinite_loss)  # stop at the step it happened
-        self._local_step += 1
+        self._after_local_step(trainer, outputs["loss"] if isinstance(outputs, dict) else outputs)
         if batch_idx + 1 < trainer.num_training_batches:
             return
         self._finish_client(trainer, pl_module)
         self._finish_round(trainer, pl_module)
 
+    def _after_local_step(self, trainer: L.Trainer, loss: torch.Tensor | None) -> None:
+        """Check the local step's loss (a non-finite one stops the run there, or marks the client to be dropped)."""
+        if self._nonfinite_loss is None and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite_loss = f"non-finite training loss ({loss.item()}) at local step {self._local_step}"
+            if not self.skip_nonfinite_clients:
+                self._nonfinite(trainer, self._nonfinite_loss)  # stop at the step it happened
+        self._local_step += 1
+
     def _finish_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Aggregate, take the server step, load the new global weights, and sample the next round."""
+        on_round_end = getattr(pl_module, "on_round_end", None)
+        if callable(on_round_end):
+            on_round_end(self.round)
         if self._shares is not None:
             failed = None if self._failure is None else self._failure[0]
             self.last_sync = sync_round(

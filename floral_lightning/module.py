@@ -519,17 +519,14 @@ class FloralModule(L.LightningModule):
             return None
         x, y, client_id = batch
         loss = self.compute_loss(self(x, client_id), y)
-        self._record_train_loss(
-            int(client_id), loss.detach(), len(x), last=batch_idx + 1 == self.trainer.num_training_batches
-        )
+        self._record_train_loss(int(client_id), loss.detach(), len(x))
         penalty = None if self.model.router is None else self.model.router.entropy_loss(client_id)
         if penalty is not None:
             loss = loss + penalty
         return loss
 
-    def _record_train_loss(self, client_id: int, loss: torch.Tensor, batch_size: int, last: bool) -> None:
-        """Sum the round's local losses and log ``train/loss`` once, at the round's last batch: the
-        sample-weighted mean of the local losses of the round's clients.
+    def _record_train_loss(self, client_id: int, loss: torch.Tensor, batch_size: int) -> None:
+        """Add a local loss to the round's sum; ``on_round_end`` logs their mean as ``train/loss``.
 
         Why not ``self.log`` every step: each call walks Lightning's result tree (about 0.5 ms), as long as a
         whole step of a small model. For the same reason the client on the progress bar is logged only when
@@ -541,10 +538,15 @@ class FloralModule(L.LightningModule):
         self._loss_client = client_id
         self._loss_sum = self._loss_sum.to(loss.device) + loss * batch_size
         self._loss_count += batch_size
-        if last:
+
+    def on_round_end(self, round_idx: int) -> None:
+        """Called by the round loop when this process's clients of round ``round_idx`` have trained, before the
+        server step: logs ``train/loss``, the sample-weighted mean of the round's local losses (this process's
+        clients; nothing when no local step recorded one, e.g. a vectorised round, which logs its own)."""
+        if self._loss_count:
             mean = self._loss_sum / self._loss_count
             self.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=self._loss_count)
-            self._loss_client, self._loss_sum, self._loss_count = None, torch.zeros(()), 0
+        self._loss_client, self._loss_sum, self._loss_count = None, torch.zeros(()), 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.precondition:

@@ -21,11 +21,13 @@ def linear_data(num_clients: int = 6, seed: int = 0) -> FederatedDataModule:
     )
 
 
-def quiet_trainer(rounds: int, callback: FederatedCallback, validate: bool = False, **kwargs) -> L.Trainer:
+def quiet_trainer(
+    rounds: int, callback: FederatedCallback, validate: bool = False, extra_callbacks: tuple = (), **kwargs
+) -> L.Trainer:
     """A Trainer of `rounds` rounds with no logger, checkpoints, progress bar or (unless asked) validation."""
     return L.Trainer(
         max_epochs=rounds,
-        callbacks=[callback],
+        callbacks=[callback, *extra_callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

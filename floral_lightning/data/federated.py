@@ -15,6 +15,7 @@ from typing import Any
 import lightning
 import numpy as np
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from ..seeding import SplitStep, Stream, run_seed, seeded_generator
 from .partitioned import ClientDatasets
@@ -118,6 +119,46 @@ def is_padding(batch: Any) -> bool:
     )
 
 
+class ClientPass(tuple):
+    """One client's local batches as one item of a round loader (``federated.client_passes``): the client's last
+    batch ``(x, y, k)``, which Lightning's own training step trains, carrying the client's earlier batches in
+    ``earlier``, which the round loop trains just before it (``callbacks.FederatedCallback``).
+
+    A tuple, so ``training_step`` sees a plain batch; with a ``to`` method, so Lightning moves it, earlier
+    batches included, to the device as one object.
+    """
+
+    earlier: list[tuple[Any, Any, int]]
+
+    def __new__(cls, last: tuple[Any, Any, int], earlier: list[tuple[Any, Any, int]]) -> ClientPass:
+        item = super().__new__(cls, last)
+        item.earlier = earlier
+        return item
+
+    def to(self, *args: Any, **kwargs: Any) -> ClientPass:
+        """The pass with every tensor of every batch moved by ``Tensor.to(*args, **kwargs)``."""
+
+        def move(batch: tuple) -> tuple:
+            return tuple(apply_to_collection(batch, torch.Tensor, lambda t: t.to(*args, **kwargs)))
+
+        return ClientPass(move(tuple(self)), [move(batch) for batch in self.earlier])
+
+    @staticmethod
+    def group(batches: Iterator[tuple[Any, Any, int]]) -> Iterator[Any]:
+        """Each run of one client's consecutive batches as a :class:`ClientPass`; padding batches as they are."""
+        pending: list[tuple[Any, Any, int]] = []
+        for batch in batches:
+            if is_padding(batch):
+                yield batch
+                continue
+            if pending and int(batch[-1]) != int(pending[-1][-1]):
+                yield ClientPass(pending[-1], pending[:-1])
+                pending = []
+            pending.append(batch)
+        if pending:
+            yield ClientPass(pending[-1], pending[:-1])
+
+
 class _RoundSchedule:
     """What the round loaders share: the round number, its clients in order, their batch counts, and the
     padding batches that keep processes in step.
@@ -140,6 +181,9 @@ class _RoundSchedule:
         self.padding_batches = 0
         #: when set (by the vectorised round loop), the round is served as one item: ``whole_round(batches)``
         self.whole_round: WholeRound | None = None
+        #: when set (by the round loop's ``client_passes``), each client's batches are served as one
+        #: :class:`ClientPass`
+        self.client_passes = False
 
     def _client_size(self, client_id: int) -> int:
         raise NotImplementedError
@@ -172,12 +216,17 @@ class _RoundSchedule:
     def __len__(self) -> int:
         if self.whole_round is not None:
             return 1
+        if self.client_passes:
+            return self.padding_batches + sum(self.num_batches(k) > 0 for k in self._clients)
         return self.padding_batches + sum(self.num_batches(k) for k in self._clients)
 
     def __iter__(self) -> Iterator[Any]:
         batches = self._batches()
         if self.whole_round is not None:
             yield self.whole_round(batches)
+            return
+        if self.client_passes:
+            yield from ClientPass.group(batches)
             return
         yield from batches
 

@@ -1,0 +1,132 @@
+"""``federated.client_passes``: one Lightning step per client gives the rounds of one step per batch, bit for bit.
+
+The reference is the round loop with ``client_passes=False`` (Lightning's loop, one training step per local
+batch, which ``test_round_loop`` checks against a hand-written federated loop). Settings as in
+``test_vectorised``: unequal client sizes, two local epochs, sampling, momentum with weight decay and Adam,
+noisy router with temperature, min_prob and entropy penalty, alpha != 1, preconditioning; and the methods whose
+training step differs (FedProx, Ditto, Local Adaptor).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import pytest
+import torch
+from federated_helpers import RecordingCallback, fit
+from lightning.pytorch.callbacks import Callback
+from test_vectorised import ADAM, NUM_CLIENTS, SGD, TRAIN_SIZES, make_module, unequal_data
+
+from floral_lightning.data import ClientPass
+from floral_lightning.methods import DittoModule, FedProxModule, LocalAdaptorModule
+
+
+class CountSteps(Callback):
+    """Counts Lightning's training steps and the batches that reach ``training_step``."""
+
+    def __init__(self) -> None:
+        self.lightning_steps = 0
+        self.kinds: list[type] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lightning_steps += 1
+        self.kinds.append(type(batch))
+
+
+def run(module, client_passes: bool, rounds: int = 3, **options):
+    callback = RecordingCallback(clients_per_round=4, local_epochs=2, seed=3, client_passes=client_passes, **options)
+    counter = CountSteps()
+    trainer = fit(module, unequal_data(), rounds, callback, extra_callbacks=[counter])
+    return callback, trainer, counter
+
+
+def assert_identical_rounds(make, constant: tuple[str, ...] = ()) -> None:
+    by_batch, by_client = make(), make()
+    start = copy.deepcopy(by_batch.state_dict())
+    batch_cb, batch_trainer, batch_count = run(by_batch, False)
+    client_cb, client_trainer, client_count = run(by_client, True)
+    assert client_cb.batch_by_batch_reason is None
+    # one Lightning step per sampled client, against one per local batch (2 epochs of ceil(n / 4) batches)
+    clients = [u.client_id for u in batch_cb.updates]
+    assert client_count.lightning_steps == len(clients)
+    assert batch_count.lightning_steps == sum(2 * -(-TRAIN_SIZES[k] // 4) for k in clients)
+    assert set(client_count.kinds) == {ClientPass}
+    # every client's report, in the same order, and the state after the rounds: the same bits
+    assert [u.client_id for u in client_cb.updates] == clients
+    assert len(set(clients)) == NUM_CLIENTS
+    for a, b in zip(batch_cb.updates, client_cb.updates):
+        assert torch.equal(a.logits, b.logits)
+        for name in a.state:
+            assert torch.equal(a.state[name], b.state[name]), name
+    for name, value in by_batch.state_dict().items():
+        if value.is_floating_point() and name not in constant:  # the comparison is not vacuous
+            assert not torch.equal(value, start[name]), f"{name} never changed"
+        assert torch.equal(by_client.state_dict()[name], value), name
+    for key in ("train/loss", *(k for k in batch_trainer.callback_metrics if k.startswith("train/"))):
+        assert torch.equal(client_trainer.callback_metrics[key], batch_trainer.callback_metrics[key]), key
+
+
+@pytest.mark.parametrize("optimizer", [SGD, ADAM], ids=["sgd_momentum", "adam"])
+def test_client_passes_give_the_rounds_of_one_step_per_batch_bit_for_bit(optimizer):
+    assert_identical_rounds(lambda: make_module(optimizer))
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [(FedProxModule, {"num_adaptors": 0, "mu": 0.5}), (DittoModule, {"num_adaptors": 0, "lam": 0.3}),
+     (LocalAdaptorModule, {"num_adaptors": 1})],
+    ids=["fedprox", "ditto", "local_adaptor"],
+)  # fmt: skip
+def test_methods_with_their_own_training_step_train_the_same_in_client_passes(cls, options):
+    # a single adaptor's mixture is 1 whatever its logit: the logit gets no gradient
+    constant = ("model.router.logits",) if cls is LocalAdaptorModule else ()
+    assert_identical_rounds(lambda: make_module(SGD, cls=cls, **options), constant)
+
+
+def test_a_nonfinite_loss_in_an_earlier_batch_stops_the_run_naming_the_client_and_local_step():
+    module = make_module(dataclasses.replace(SGD, lr=1e30))  # the second local step of a client overflows
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at local step \d+ of client \d+"):
+        run(module, True)
+
+
+class StepHook(Callback):
+    def on_after_backward(self, trainer, pl_module):
+        pass
+
+
+@pytest.mark.parametrize(
+    "trainer_options, callbacks, reason",
+    [({"gradient_clip_val": 1.0}, [], "gradient_clip_val=1.0"),
+     ({}, [StepHook()], "callback StepHook runs ['on_after_backward']")],
+)  # fmt: skip
+def test_settings_that_act_on_every_local_step_keep_one_step_per_batch_and_say_why(
+    trainer_options, callbacks, reason, caplog
+):
+    callback = RecordingCallback(clients_per_round=4, local_epochs=2, seed=3, client_passes=True)
+    counter = CountSteps()
+    with caplog.at_level(logging.INFO):
+        fit(make_module(SGD), unequal_data(), 1, callback, extra_callbacks=[counter, *callbacks], **trainer_options)
+    assert callback.batch_by_batch_reason is not None and reason in callback.batch_by_batch_reason
+    assert f"federated.client_passes: one Lightning step per batch: {callback.batch_by_batch_reason}" in caplog.text
+    assert ClientPass not in counter.kinds
+
+
+def test_the_loader_groups_each_clients_batches_and_moves_them_whole():
+    data = unequal_data()
+    data.setup("fit")
+    loader = data.train_dataloader()
+    loader.set_round(0, [3, 0, 4])
+    batches = list(loader)
+    loader.client_passes = True
+    passes = list(loader)
+    assert len(loader) == len(passes) == 3
+    assert [int(p[-1]) for p in passes] == [3, 0, 4]
+    flat = [b for p in passes for b in (*p.earlier, tuple(p))]
+    assert len(flat) == len(batches)
+    for a, b in zip(flat, batches):
+        assert all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(a, b))
+    moved = passes[0].to(torch.float64)
+    assert isinstance(moved, ClientPass) and moved[0].dtype == torch.float64
+    assert all(b[0].dtype == torch.float64 for b in moved.earlier)
