@@ -21,6 +21,7 @@ from test_vectorised import ADAM, NUM_CLIENTS, SGD, TRAIN_SIZES, make_module, un
 
 from floral_lightning.data import ClientPass
 from floral_lightning.methods import DittoModule, FedProxModule, LocalAdaptorModule
+from floral_lightning.tasks import RegressionModule
 
 
 class CountSteps(Callback):
@@ -96,18 +97,26 @@ class StepHook(Callback):
         pass
 
 
+class BackwardHookModule(RegressionModule):
+    def on_after_backward(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
-    "trainer_options, callbacks, reason",
-    [({"gradient_clip_val": 1.0}, [], "gradient_clip_val=1.0"),
-     ({}, [StepHook()], "callback StepHook runs ['on_after_backward']")],
+    "trainer_options, callbacks, cls, reason",
+    [({"gradient_clip_val": 1.0}, [], RegressionModule, "gradient_clip_val=1.0"),
+     ({"precision": "bf16-mixed"}, [], RegressionModule, "precision='bf16-mixed'"),
+     ({}, [StepHook()], RegressionModule, "callback StepHook runs ['on_after_backward']"),
+     ({}, [], BackwardHookModule, "BackwardHookModule overrides on_after_backward")],
 )  # fmt: skip
 def test_settings_that_act_on_every_local_step_keep_one_step_per_batch_and_say_why(
-    trainer_options, callbacks, reason, caplog
+    trainer_options, callbacks, cls, reason, caplog
 ):
     callback = RecordingCallback(clients_per_round=4, local_epochs=2, seed=3, client_passes=True)
     counter = CountSteps()
+    module = make_module(SGD, cls=cls)
     with caplog.at_level(logging.INFO):
-        fit(make_module(SGD), unequal_data(), 1, callback, extra_callbacks=[counter, *callbacks], **trainer_options)
+        fit(module, unequal_data(), 1, callback, extra_callbacks=[counter, *callbacks], **trainer_options)
     assert callback.batch_by_batch_reason is not None and reason in callback.batch_by_batch_reason
     assert f"federated.client_passes: one Lightning step per batch: {callback.batch_by_batch_reason}" in caplog.text
     assert ClientPass not in counter.kinds
