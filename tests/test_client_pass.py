@@ -19,6 +19,7 @@ from federated_helpers import RecordingCallback, fit
 from lightning.pytorch.callbacks import Callback
 from test_vectorised import ADAM, NUM_CLIENTS, SGD, TRAIN_SIZES, make_module, unequal_data
 
+from callbacks import FederatedCallback
 from floral_lightning.data import ClientPass
 from floral_lightning.methods import DittoModule, FedProxModule, LocalAdaptorModule
 from floral_lightning.tasks import RegressionModule
@@ -139,3 +140,19 @@ def test_the_loader_groups_each_clients_batches_and_moves_them_whole():
     moved = passes[0].to(torch.float64)
     assert isinstance(moved, ClientPass) and moved[0].dtype == torch.float64
     assert all(b[0].dtype == torch.float64 for b in moved.earlier)
+
+
+def test_the_command_line_option_trains_one_lightning_step_per_client(tmp_path):
+    from floral_lightning.cli import main
+
+    args = ["--config", "conf/synthetic_linear.yaml", "--federated.client_passes=true", "--trainer.max_epochs=1",
+            "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    cli = main(args, run=False)
+    counter = CountSteps()
+    cli.trainer.callbacks.append(counter)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, FederatedCallback)]
+    assert callback.client_passes and callback.batch_by_batch_reason is None
+    assert counter.lightning_steps == cli.trainer.global_step == 10  # the config's 10 clients of a round
+    assert set(counter.kinds) == {ClientPass}
