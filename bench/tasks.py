@@ -18,10 +18,11 @@ round has fewer steps; the per-step costs are the same). CIFAR-100 runs as the s
 - **Floor** rounds: :class:`bench.rounds.FloorLoop` on the same model, batches, optimizer groups, loss,
   preconditioning and p(k) / p(k|c) averaging in plain PyTorch (training only). Not for CIFAR-100: its
   config's server optimizer is Adam, which the floor does not implement.
-- **Client-pass** rounds (the small tasks, ``TaskSpec.vectorise``): ``Trainer.fit`` as the Trainer rounds, with
-  ``--federated.client_passes=true`` (one Lightning step per client, ``floral_lightning.client_pass``); the run
-  fails if the round loop stayed batch by batch. Compared with the floor (target 1.3, issue 13 part 2) and with
-  FedAvg's client-pass rounds (target 1.2, part 1); their final weights must equal the Trainer rounds' exactly.
+- **Per-client** and **per-round** rounds (the small tasks, ``TaskSpec.vectorise``): ``Trainer.fit`` as the
+  Trainer rounds, with ``--federated.lightning_step=client`` or ``=round`` (one Lightning step per client or per
+  round, ``floral_lightning.batch_runs``); the run fails if the round loop stayed batch by batch. Compared with
+  the floor (target 1.3, issue 13 part 2) and FLoRAL with FedAvg (target 1.2, part 1); their final weights
+  equal the Trainer rounds' exactly (``max_abs_difference_to_trainer``).
 - **Vectorised** rounds (the small tasks, ``TaskSpec.vectorise``): ``Trainer.fit`` as the Trainer rounds, with
   ``--federated.vectorise=true`` (the round's sampled clients trained at once, ``floral_lightning.vectorised``);
   the run fails if the round loop fell back to one client after another. Compared with the Trainer rounds
@@ -38,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import lightning as L
 import torch
@@ -53,7 +55,7 @@ FLORAL_VS_FEDAVG_TARGET = 1.2  # FLoRAL s/round / FedAvg s/round (issue 13, part
 TRAINER_VS_FLOOR_TARGET = 1.3  # Trainer round / floor round on the small tasks (issue 13, part 2)
 VECTORISED_TARGET = round(1 / 3, 4)  # vectorised round / sequential Trainer round: >= 3x (issue 13, part 3)
 VECTORISE = ["--federated.vectorise=true"]
-CLIENT_PASSES = ["--federated.client_passes=true"]
+RUNS = ("client", "round")  # federated.lightning_step values other than "batch"
 
 #: Reference FLoRAL (the paper's public implementation), s/round on this kind of machine, as given in issue 13
 #: (MNIST rotate with its data cached; CIFAR: the reference's CIFAR subset).
@@ -227,17 +229,19 @@ def vectorised_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rou
     return times, cli.model
 
 
-def client_pass_run(name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str):
-    """``trainer_run`` with one Lightning step per client (``--federated.client_passes=true``); fails if the round
-    loop stayed batch by batch (the row would then time the per-batch loop)."""
+def batch_runs_run(
+    per: str, name: str, spec: TaskSpec, extra: list[str], warmup: int, rounds: int, log_dir: str
+) -> tuple[RunTimes, L.LightningModule]:
+    """``trainer_run`` with one Lightning step per client or per round (``--federated.lightning_step=per``); fails
+    if the round loop stayed batch by batch (the row would then time the per-batch loop)."""
     epochs = warmup + rounds + 1
-    cli = _build(name, spec, [*extra, *CLIENT_PASSES], epochs, warmup + rounds, log_dir)
+    cli = _build(name, spec, [*extra, f"--federated.lightning_step={per}"], epochs, warmup + rounds, log_dir)
     timer = PhaseTimer(stop_at=epochs)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, FederatedCallback))
     if callback.batch_by_batch_reason is not None:
-        raise RuntimeError(f"{name}: federated.client_passes stayed batch by batch: {callback.batch_by_batch_reason}")
+        raise RuntimeError(f"{name}: lightning_step={per} stayed batch by batch: {callback.batch_by_batch_reason}")
     times = timer.times()
     times.rounds = times.rounds[warmup : warmup + rounds]
     return times, cli.model
@@ -267,14 +271,16 @@ def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[
     runners: dict[str, Callable] = {
         "trainer": trainer_run,
         "floor": floor_run,
-        "passes": client_pass_run,
+        "client": partial(batch_runs_run, "client"),
+        "round": partial(batch_runs_run, "round"),
         "vectorised": vectorised_run,
     }
     results = {}
     with tempfile.TemporaryDirectory() as log_dir:
         for name, rounds in tasks.items():
             spec = TASKS[name]
-            wanted = {"trainer": True, "floor": spec.floor, "passes": spec.vectorise, "vectorised": spec.vectorise}
+            wanted = {"trainer": True, "floor": spec.floor, "vectorised": spec.vectorise}
+            wanted |= {per: spec.vectorise for per in RUNS}
             runs = [(m, r) for m in methods for r in runners if wanted[r]]
             times = {run: RunTimes() for run in runs}
             finals = {}
@@ -292,14 +298,17 @@ def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[
             vectorised_difference = {
                 m: _max_difference(finals[(m, "trainer")], finals[(m, "vectorised")]) for m in methods if spec.vectorise
             }
-            passes_difference = {
-                m: _max_difference(finals[(m, "trainer")], finals[(m, "passes")]) for m in methods if spec.vectorise
+            runs_difference = {
+                (m, per): _max_difference(finals[(m, "trainer")], finals[(m, per)])
+                for m in methods
+                for per in RUNS
+                if spec.vectorise
             }
             results[name] = {
                 "times": times,
                 "max_abs_difference": difference,
                 "vectorised_max_abs_difference": vectorised_difference,
-                "passes_max_abs_difference": passes_difference,
+                "runs_max_abs_difference": runs_difference,
                 "val_interval": config_val_interval(spec),
                 "seconds": time.perf_counter() - start,
             }
@@ -358,38 +367,39 @@ def run(quick: bool = False, only: list[str] | None = None) -> Section:
                     )
                 )
         if spec.vectorise and spec.floor:
-            for method in ("FLoRAL", "FedAvg"):
-                passes, floor = (method, "passes"), (method, "floor")
+            for per in RUNS:
+                for method in ("FLoRAL", "FedAvg"):
+                    run_, floor = (method, per), (method, "floor")
+                    figures.append(
+                        Figure(
+                            f"{name}: {method} one Lightning step per {per}: Trainer round / floor round",
+                            round(train[run_], 4),
+                            "s/round",
+                            ratio=round(train[run_] / train[floor], 3),
+                            target=spec.trainer_vs_floor_target,
+                            detail={
+                                "floor_s": spread([w for w, _ in times[floor].rounds]),
+                                "trainer_s": spread([w for w, _ in times[run_].rounds]),
+                                "cpu_ratio": round(cpu[run_] / cpu[floor], 3),
+                                "speed_up_over_one_step_per_batch": round(train[(method, "trainer")] / train[run_], 2),
+                                "max_abs_difference_to_trainer": result["runs_max_abs_difference"][(method, per)],
+                            },
+                        )
+                    )
                 figures.append(
                     Figure(
-                        f"{name}: {method} one step per client: Trainer round / floor round",
-                        round(train[passes], 4),
+                        f"{name}: one Lightning step per {per}: FLoRAL round / FedAvg round",
+                        round(train[("FLoRAL", per)], 4),
                         "s/round",
-                        ratio=round(train[passes] / train[floor], 3),
-                        target=spec.trainer_vs_floor_target,
+                        ratio=round(train[("FLoRAL", per)] / train[("FedAvg", per)], 3),
+                        target=FLORAL_VS_FEDAVG_TARGET,
                         detail={
-                            "floor_s": spread([w for w, _ in times[floor].rounds]),
-                            "client_pass_s": spread([w for w, _ in times[passes].rounds]),
-                            "cpu_ratio": round(cpu[passes] / cpu[floor], 3),
-                            "speed_up_over_one_step_per_batch": round(train[(method, "trainer")] / train[passes], 2),
-                            "max_abs_difference_to_trainer": result["passes_max_abs_difference"][method],
+                            "fedavg_s": round(train[("FedAvg", per)], 4),
+                            "floor_ratio": round(train[("FLoRAL", "floor")] / train[("FedAvg", "floor")], 3),
+                            "cpu_ratio": round(cpu[("FLoRAL", per)] / cpu[("FedAvg", per)], 3),
                         },
                     )
                 )
-            figures.append(
-                Figure(
-                    f"{name}: one step per client: FLoRAL round / FedAvg round",
-                    round(train[("FLoRAL", "passes")], 4),
-                    "s/round",
-                    ratio=round(train[("FLoRAL", "passes")] / train[("FedAvg", "passes")], 3),
-                    target=FLORAL_VS_FEDAVG_TARGET,
-                    detail={
-                        "fedavg_s": round(train[("FedAvg", "passes")], 4),
-                        "floor_ratio": round(train[("FLoRAL", "floor")] / train[("FedAvg", "floor")], 3),
-                        "cpu_ratio": round(cpu[("FLoRAL", "passes")] / cpu[("FedAvg", "passes")], 3),
-                    },
-                )
-            )
         if spec.vectorise:
             for method in ("FLoRAL", "FedAvg"):
                 trainer, vectorised, floor = (method, "trainer"), (method, "vectorised"), (method, "floor")
@@ -458,26 +468,37 @@ def summary_table(section: Section) -> str:
     return "\n".join(lines)
 
 
-def client_pass_table(section: Section) -> str:
-    """One Lightning step per batch vs per client vs the floor, per task and method (the tasks with those rows)."""
+def batch_runs_table(section: Section) -> str:
+    """One Lightning step per batch, per client and per round vs the floor, per task and method."""
     figures = {f.name: f for f in section.figures}
     lines = [
-        "| task | method | per batch s/round | per client s/round | floor s/round | per batch / floor | "
-        "per client / floor | FLoRAL / FedAvg per client (floor) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| task | method | floor s/round | per batch / floor | per client / floor | per round / floor | "
+        "FLoRAL / FedAvg: per batch, client, round (floor) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name in section.params["tasks"]:
-        versus = figures.get(f"{name}: one step per client: FLoRAL round / FedAvg round")
         for method in ("FLoRAL", "FedAvg"):
-            passes = figures.get(f"{name}: {method} one step per client: Trainer round / floor round")
-            if passes is None:
+            runs = [
+                figures.get(f"{name}: {method} one Lightning step per {per}: Trainer round / floor round")
+                for per in RUNS
+            ]
+            if None in runs:
                 continue
             batch = figures[f"{name}: {method} Trainer round / floor round"]
-            d = passes.detail
-            last = f"{versus.ratio:.2f}x ({versus.detail['floor_ratio']:.2f}x)" if method == "FLoRAL" else ""
+            versus = ""
+            if method == "FLoRAL":
+                ratios = [figures[f"{name}: FLoRAL s/round / FedAvg s/round"].ratio]
+                ratios += [
+                    figures[f"{name}: one Lightning step per {per}: FLoRAL round / FedAvg round"].ratio for per in RUNS
+                ]
+                floor = figures[f"{name}: one Lightning step per round: FLoRAL round / FedAvg round"].detail[
+                    "floor_ratio"
+                ]
+                versus = ", ".join(f"{r:.2f}x" for r in ratios) + f" ({floor:.2f}x)"
             lines.append(
-                f"| {name} | {method} | {batch.value:.4f} | {passes.value:.4f} | {d['floor_s']['median']:.4f} | "
-                f"{batch.ratio:.2f}x | {passes.ratio:.2f}x | {last} |"
+                f"| {name} | {method} | {runs[0].detail['floor_s']['median']:.4f} | {batch.ratio:.2f}x | "
+                + " | ".join(f"{r.ratio:.2f}x" for r in runs)
+                + f" | {versus} |"
             )
     return "\n".join(lines)
 
@@ -525,9 +546,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     section = run(args.quick, args.tasks)
     print(summary_table(section))
-    if any("one step per client" in f.name for f in section.figures):
+    if any("one Lightning step per" in f.name for f in section.figures):
         print()
-        print(client_pass_table(section))
+        print(batch_runs_table(section))
     if any(f.name.endswith("vectorised round / sequential Trainer round") for f in section.figures):
         print()
         print(vectorised_table(section))

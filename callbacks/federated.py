@@ -32,8 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from floral_lightning import foreach
 from floral_lightning.aggregation import ClientUpdate, ServerOptimizer, StreamingAggregator
-from floral_lightning.client_pass import client_pass_reason, train_earlier_batches
-from floral_lightning.data.federated import ClientPass, is_padding
+from floral_lightning.batch_runs import LIGHTNING_STEPS, batch_runs_reason, train_local_step
+from floral_lightning.data.federated import BatchRun, is_padding
 from floral_lightning.distributed import ClientParallelStrategy, RoundSync, split_clients, sync_round
 from floral_lightning.seeding import Stream, run_seed, seed_local_training, seeded_generator
 from floral_lightning.vectorised import RoundBatch, VectorisedClients, probe, vectorise_reason
@@ -95,13 +95,14 @@ class FederatedCallback(Callback):
             Lightning's training loop: the same rounds to floating-point tolerance. Where the module, model,
             optimizer, trainer or a callback cannot be vectorised, an info message names why and the clients
             train one after another (README, "Clients in parallel").
-        client_passes: train each sampled client's local batches inside one Lightning training step (the step of
-            its last batch; ``floral_lightning.client_pass``) instead of one step per batch: the same rounds, bit
-            for bit, with Lightning's per-step costs paid once per client. Callbacks' batch hooks,
-            ``trainer.global_step`` and ``log_every_n_steps`` then count clients. Where Lightning's step does more
-            than a plain optimizer step (gradient clipping, mixed precision, backward or optimizer-step hooks),
-            an info message names why and the loop stays batch by batch (README, "One Lightning step per
-            client"). With ``vectorise`` too, a round that vectorises is not split into client passes.
+        lightning_step: what one Lightning training step trains: ``"batch"`` (default: one local batch, Lightning's
+            own loop), ``"client"`` (a sampled client's local batches) or ``"round"`` (the whole round's batches);
+            ``floral_lightning.batch_runs``. The same rounds, bit for bit, with Lightning's per-step costs paid once
+            per client or per round; callbacks' batch hooks, ``trainer.global_step`` and ``log_every_n_steps``
+            then count clients or rounds. Where Lightning's step does more than a plain optimizer step (gradient
+            clipping, mixed precision, backward or optimizer-step hooks), an info message names why and the loop
+            stays batch by batch (README, "Several local batches in one Lightning step"). With ``vectorise`` too,
+            a round that vectorises is trained vectorised.
 
     A non-finite aggregated weight after the server step always stops training (naming the round and the
     tensors): no client is left to blame.
@@ -120,8 +121,10 @@ class FederatedCallback(Callback):
         server_eps: float | None = None,
         skip_nonfinite_clients: bool = False,
         vectorise: bool = False,
-        client_passes: bool = False,
+        lightning_step: str = "batch",
     ) -> None:
+        if lightning_step not in LIGHTNING_STEPS:
+            raise ValueError(f"lightning_step={lightning_step!r}: expected one of {LIGHTNING_STEPS}")
         if local_epochs < 1:
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
         self.clients_per_round = clients_per_round
@@ -132,12 +135,12 @@ class FederatedCallback(Callback):
         )
         self.skip_nonfinite_clients = skip_nonfinite_clients
         self.vectorise = vectorise
-        self.client_passes = client_passes
+        self.lightning_step = lightning_step
         #: the vectorised trainer of the fit in progress (``None``: clients train one after another), and why
         #: a ``vectorise`` fit trains them one after another (``None`` when it does not)
         self.vectorised: VectorisedClients | None = None
         self.sequential_reason: str | None = None
-        #: why a ``client_passes`` fit steps Lightning batch by batch (``None`` when it does not)
+        #: why a fit with ``lightning_step`` other than "batch" steps Lightning batch by batch (``None`` when not)
         self.batch_by_batch_reason: str | None = None
         self.round = 0
         self.clients: list[int] = []
@@ -227,7 +230,7 @@ class FederatedCallback(Callback):
             self._pending_server_state = None
         self._start_round(trainer)
         self._set_up_vectorised(trainer, pl_module)
-        self._set_up_client_passes(trainer, pl_module)
+        self._set_up_batch_runs(trainer, pl_module)
 
     def _set_up_vectorised(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``vectorise``, serve each round as one stacked ``RoundBatch`` and train it in
@@ -253,25 +256,26 @@ class FederatedCallback(Callback):
         self.vectorised = clients
         self._loader.whole_round = RoundBatch.collect
 
-    def _set_up_client_passes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """With ``client_passes`` (and no vectorised rounds), serve each client's batches as one ``ClientPass``;
-        where Lightning's step does more than a plain optimizer step, say why once and stay batch by batch."""
+    def _set_up_batch_runs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``lightning_step`` "client" or "round" (and no vectorised rounds), serve each client's or round's
+        batches as one ``BatchRun``; where Lightning's step does more than a plain optimizer step, say why once
+        and stay batch by batch."""
         self.batch_by_batch_reason = None
-        if not self.client_passes or self.vectorised is not None:
+        if self.lightning_step == "batch" or self.vectorised is not None:
             return
-        reason = client_pass_reason(trainer, pl_module, self._loader)
+        reason = batch_runs_reason(trainer, pl_module, self._loader)
         if reason is not None:
             self.batch_by_batch_reason = reason
-            rank_zero_info(f"federated.client_passes: one Lightning step per batch: {reason}")
+            rank_zero_info(f"federated.lightning_step={self.lightning_step}: one Lightning step per batch: {reason}")
             return
-        self._loader.client_passes = True
+        self._loader.batch_runs = self.lightning_step
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # the loader serves batches again outside this fit
         if self._loader is not None and hasattr(self._loader, "whole_round"):
             self._loader.whole_round = None
-        if self._loader is not None and hasattr(self._loader, "client_passes"):
-            self._loader.client_passes = False
+        if self._loader is not None and hasattr(self._loader, "batch_runs"):
+            self._loader.batch_runs = None
 
     def _start_round(self, trainer: L.Trainer) -> None:
         num_clients = int(trainer.datamodule.num_clients)
@@ -298,15 +302,20 @@ class FederatedCallback(Callback):
             return
         if is_padding(batch):
             return
-        client_id = int(batch[-1])
-        if client_id != self._active_client:
-            if self._active_client is not None:
-                self._finish_client(trainer, pl_module)
-            self._start_client(trainer, pl_module, client_id)
-        if isinstance(batch, ClientPass):
-            # the client's batches before its last, which Lightning's step trains next
-            after_step = lambda loss: self._after_local_step(trainer, loss)  # noqa: E731
-            train_earlier_batches(trainer, batch.earlier, batch_idx, after_step)
+        if isinstance(batch, BatchRun):
+            # the run's batches before its last, which Lightning's step trains next
+            for earlier in batch.earlier:
+                self._switch_client(trainer, pl_module, int(earlier[-1]))
+                self._after_local_step(trainer, train_local_step(trainer, earlier, batch_idx))
+        self._switch_client(trainer, pl_module, int(batch[-1]))
+
+    def _switch_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client_id: int) -> None:
+        """Before a batch of ``client_id``: if another client was training, finish it and start this one."""
+        if client_id == self._active_client:
+            return
+        if self._active_client is not None:
+            self._finish_client(trainer, pl_module)
+        self._start_client(trainer, pl_module, client_id)
 
     def _start_client(self, trainer: L.Trainer, pl_module: L.LightningModule, client_id: int) -> None:
         """Give the client the current global weights and a fresh optimizer (its mixture is already its own)."""

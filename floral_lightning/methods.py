@@ -30,7 +30,7 @@ from torch.func import functional_call
 from . import foreach
 from .ensemble import EnsembleModel
 from .module import ClientOptimizer, FloralModule, RouterOptions
-from .seeding import Stream, seeded_generator
+from .seeding import Stream, seed_global_rng, seeded_generator
 
 __all__ = [
     "ClientStates",
@@ -472,7 +472,7 @@ class FineTuneModule(FloralModule):
             n = len(y_all)
             for epoch in range(self.finetune_epochs if n else 0):
                 g = seeded_generator(getattr(datamodule, "seed", 0), Stream.FINETUNE, round_idx, client_id, epoch)
-                torch.manual_seed(g.initial_seed())  # dropout
+                seed_global_rng(g.initial_seed())  # dropout
                 perm = torch.randperm(n, generator=g)
                 for start in range(0, n, batch_size):
                     idx = perm[start : start + batch_size]

@@ -57,3 +57,14 @@ def test_a_clients_update_does_not_depend_on_the_other_sampled_clients():
         for name, tensor in updates[6][k].state.items():
             assert torch.equal(updates[3][k].state[name], tensor), (k, name)
         assert torch.equal(updates[3][k].logits, updates[6][k].logits)
+
+
+def test_seed_global_rng_leaves_the_cpu_generator_as_torch_manual_seed_does():
+    from floral_lightning.seeding import seed_global_rng
+
+    torch.manual_seed(12345)
+    expected = torch.get_rng_state()
+    torch.rand(7)  # move it on
+    seed_global_rng(12345)
+    assert torch.equal(torch.get_rng_state(), expected)
+    assert torch.equal(torch.rand(5), (torch.manual_seed(12345), torch.rand(5))[1])

@@ -34,9 +34,12 @@ pytestmark = pytest.mark.slow
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
+    # SIGINT back to its default in the child: a suite started in the background (``pytest &``) inherits it
+    # ignored, and Python then never raises KeyboardInterrupt
     return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def stop_at(round_idx: int, step: int, signum: int, marker: Path) -> str:

@@ -119,10 +119,11 @@ def is_padding(batch: Any) -> bool:
     )
 
 
-class ClientPass(tuple):
-    """One client's local batches as one item of a round loader (``federated.client_passes``): the client's last
-    batch ``(x, y, k)``, which Lightning's own training step trains, carrying the client's earlier batches in
-    ``earlier``, which the round loop trains just before it (``callbacks.FederatedCallback``).
+class BatchRun(tuple):
+    """A run of consecutive local batches as one item of a round loader (``federated.lightning_step`` ``client``
+    or ``round``): the run's last batch ``(x, y, k)``, which Lightning's own training step trains, carrying the
+    run's earlier batches in ``earlier``, which the round loop trains just before it
+    (``callbacks.FederatedCallback``).
 
     A tuple, so ``training_step`` sees a plain batch; with a ``to`` method, so Lightning moves it, earlier
     batches included, to the device as one object.
@@ -130,33 +131,36 @@ class ClientPass(tuple):
 
     earlier: list[tuple[Any, Any, int]]
 
-    def __new__(cls, last: tuple[Any, Any, int], earlier: list[tuple[Any, Any, int]]) -> ClientPass:
+    def __new__(cls, last: tuple[Any, Any, int], earlier: list[tuple[Any, Any, int]]) -> BatchRun:
         item = super().__new__(cls, last)
         item.earlier = earlier
         return item
 
-    def to(self, *args: Any, **kwargs: Any) -> ClientPass:
-        """The pass with every tensor of every batch moved by ``Tensor.to(*args, **kwargs)``."""
+    def to(self, *args: Any, **kwargs: Any) -> BatchRun:
+        """The run with every tensor of every batch moved by ``Tensor.to(*args, **kwargs)``."""
 
         def move(batch: tuple) -> tuple:
             return tuple(apply_to_collection(batch, torch.Tensor, lambda t: t.to(*args, **kwargs)))
 
-        return ClientPass(move(tuple(self)), [move(batch) for batch in self.earlier])
+        return BatchRun(move(tuple(self)), [move(batch) for batch in self.earlier])
 
     @staticmethod
-    def group(batches: Iterator[tuple[Any, Any, int]]) -> Iterator[Any]:
-        """Each run of one client's consecutive batches as a :class:`ClientPass`; padding batches as they are."""
+    def group(batches: Iterator[tuple[Any, Any, int]], per: str) -> Iterator[Any]:
+        """The batches as runs, one per client (``per="client"``) or one for the whole round (``per="round"``);
+        padding batches as they are."""
+        if per not in ("client", "round"):
+            raise ValueError(f"per={per!r}: expected 'client' or 'round'")
         pending: list[tuple[Any, Any, int]] = []
         for batch in batches:
             if is_padding(batch):
                 yield batch
                 continue
-            if pending and int(batch[-1]) != int(pending[-1][-1]):
-                yield ClientPass(pending[-1], pending[:-1])
+            if pending and per == "client" and int(batch[-1]) != int(pending[-1][-1]):
+                yield BatchRun(pending[-1], pending[:-1])
                 pending = []
             pending.append(batch)
         if pending:
-            yield ClientPass(pending[-1], pending[:-1])
+            yield BatchRun(pending[-1], pending[:-1])
 
 
 class _RoundSchedule:
@@ -181,9 +185,9 @@ class _RoundSchedule:
         self.padding_batches = 0
         #: when set (by the vectorised round loop), the round is served as one item: ``whole_round(batches)``
         self.whole_round: WholeRound | None = None
-        #: when set (by the round loop's ``client_passes``), each client's batches are served as one
-        #: :class:`ClientPass`
-        self.client_passes = False
+        #: when set (by the round loop's ``lightning_step``), each client's batches (``"client"``) or the whole
+        #: round's (``"round"``) are served as one :class:`BatchRun`
+        self.batch_runs: str | None = None
 
     def _client_size(self, client_id: int) -> int:
         raise NotImplementedError
@@ -216,8 +220,10 @@ class _RoundSchedule:
     def __len__(self) -> int:
         if self.whole_round is not None:
             return 1
-        if self.client_passes:
+        if self.batch_runs == "client":
             return self.padding_batches + sum(self.num_batches(k) > 0 for k in self._clients)
+        if self.batch_runs == "round":
+            return self.padding_batches + int(any(self.num_batches(k) > 0 for k in self._clients))
         return self.padding_batches + sum(self.num_batches(k) for k in self._clients)
 
     def __iter__(self) -> Iterator[Any]:
@@ -225,8 +231,8 @@ class _RoundSchedule:
         if self.whole_round is not None:
             yield self.whole_round(batches)
             return
-        if self.client_passes:
-            yield from ClientPass.group(batches)
+        if self.batch_runs is not None:
+            yield from BatchRun.group(batches, self.batch_runs)
             return
         yield from batches
 

@@ -43,8 +43,13 @@ class FloralLinear(FloralLayer):
     def _stacked(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c, r, d_in = self.adaptor_A.shape
         a = self.adaptor_A.reshape(c * r, d_in)
+        if r == 1:
+            # B [C, out, 1] is B^T [out, C] transposed: a view, so no copy (nor its backward) at rank 1, where
+            # the whole step of a small model is a few dozen such ops
+            b = self.adaptor_B.reshape(c, -1)
+            return a, (b if scale is None else b * scale.view(c, 1)).t()
         b = self.adaptor_B if scale is None else self.adaptor_B * scale.view(c, 1, 1)
-        return a, b.permute(1, 0, 2).reshape(-1, c * r)  # a view at rank 1, a copy of B above
+        return a, b.permute(1, 0, 2).reshape(-1, c * r)  # a copy of B
 
     def delta_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``alpha * sum_c w_c B_c A_c`` and ``alpha * sum_c w_c b_c`` for a mixture ``w`` of shape [C]."""
