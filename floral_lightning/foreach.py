@@ -41,3 +41,8 @@ def mul(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tens
 def div_(dst: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> None:
     """``dst[i] /= other[i]`` for every i."""
     torch._foreach_div_(list(dst), list(other))
+
+
+def norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[torch.Tensor]:
+    """``[vector_norm(tensors[i], ord)]``, one 0-dim tensor each."""
+    return list(torch._foreach_norm(list(tensors), ord))
