@@ -40,16 +40,22 @@ from floral_lightning.cli import main  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT.parent / "shared" / "data" / "mnist_subset.npz"
 
+
+def _clustered_init(**init_args: float) -> list[str]:
+    """The override that adds ``callbacks.ClusteredRouterInit`` with ``init_args``."""
+    spec = {"class_path": "callbacks.ClusteredRouterInit", "init_args": init_args}
+    return [f"--trainer.callbacks+={json.dumps(spec)}"]
+
+
 #: variant -> train.py overrides on top of FLoRAL(1%) (the runner's ``floral1``)
 VARIANTS: dict[str, list[str]] = {
     "paper": [],
-    "cluster": ["--trainer.callbacks+=callbacks.ClusteredRouterInit"],
-    "cluster_logit5": [
-        '--trainer.callbacks+={"class_path": "callbacks.ClusteredRouterInit", "init_args": {"logit": 5.0}}'
-    ],
-    "cluster_reassign50": [
-        '--trainer.callbacks+={"class_path": "callbacks.ClusteredRouterInit", "init_args": {"reassign_every": 50}}'
-    ],
+    # the diagnosis ran the clustered start from each client's first gradient (local_steps=1); "clustered" is today's
+    # default start (router.init=clustered: 20 local steps)
+    "cluster": _clustered_init(local_steps=1),
+    "clustered": ["--model.init_args.router.init=clustered"],
+    "cluster_logit5": _clustered_init(logit=5.0, local_steps=1),
+    "cluster_reassign50": _clustered_init(reassign_every=50, local_steps=1),
     "noise_b": ['--trainer.callbacks+={"class_path": "callbacks.AdaptorInitNoise", "init_args": {"std": 0.01}}'],
     "router_lr": ["--model.init_args.optimizer.router_lr=1.0"],
     "noise_b_router_lr": [

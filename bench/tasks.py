@@ -171,6 +171,8 @@ def cli_args(name: str, spec: TaskSpec, extra: list[str], epochs: int, val_every
         ]
     return [
         *args,
+        # the floor starts the router from zero logits (it runs no fit start): so do the timed fits
+        "--model.init_args.router.init=zeros",
         f"--trainer.max_epochs={epochs}",
         f"--trainer.check_val_every_n_epoch={val_every}",
         f"--trainer.default_root_dir={log_dir}",

@@ -30,6 +30,9 @@ TASKS: dict[str, tuple[list[str], int]] = {
 
 FEDAVG = ["--model.init_args.num_adaptors=0"]
 ORACLE = ["--model.init_args.router.oracle=true"]
+#: the paper's router start (all logits zero), pinned for the FLoRAL methods that ran with it: the MNIST and
+#: synthetic configs start the router clustered (``router.init=clustered``, method ``floral1_cluster``)
+PAPER_START = "--model.init_args.router.init=zeros"
 #: method name -> (label in the table, class in floral_lightning.methods or None for the config's own
 #: module, train.py overrides). ``{C}`` in an override is replaced by the task's number of clusters.
 METHODS: dict[str, tuple[str, str | None, list[str]]] = {
@@ -37,14 +40,14 @@ METHODS: dict[str, tuple[str, str | None, list[str]]] = {
     "local_adaptor": ("Local Adaptor", "LocalAdaptorModule", []),
     "ensemble": ("Ensemble", "EnsembleModule", ["--model.init_args.num_members={C}"]),
     "ensemble_oracle": ("Ensemble (oracle)", "EnsembleModule", ["--model.init_args.num_members={C}", *ORACLE]),
-    "floral1": ("FLoRAL(1%)", None, ["--model.init_args.rank=0.01"]),
-    "floral1_noprecond": ("FLoRAL(1%) no precond.", None, ["--model.init_args.rank=0.01",
+    "floral1": ("FLoRAL(1%)", None, ["--model.init_args.rank=0.01", PAPER_START]),
+    "floral1_noprecond": ("FLoRAL(1%) no precond.", None, ["--model.init_args.rank=0.01", PAPER_START,
                                                            "--model.init_args.precondition=false"]),
     "floral1_oracle": ("FLoRAL(1%) (oracle)", None, ["--model.init_args.rank=0.01", *ORACLE]),
     # beyond the paper (issue 12): router logits from a clustering of the clients' first updates
-    "floral1_cluster": ("FLoRAL(1%) cluster init", None, ["--model.init_args.rank=0.01",
-                                                          "--trainer.callbacks+=callbacks.ClusteredRouterInit"]),
-    "floral10": ("FLoRAL(10%)", None, ["--model.init_args.rank=0.1"]),
+    "floral1_cluster": ("FLoRAL(1%) clustered start", None, ["--model.init_args.rank=0.01",
+                                                             "--model.init_args.router.init=clustered"]),
+    "floral10": ("FLoRAL(10%)", None, ["--model.init_args.rank=0.1", PAPER_START]),
     "floral10_oracle": ("FLoRAL(10%) (oracle)", None, ["--model.init_args.rank=0.1", *ORACLE]),
     # FineTune and FedProx also run on top of FLoRAL; pin them to the plain base here
     "finetune": ("FedAvg + fine-tuning", "FineTuneModule", FEDAVG),

@@ -271,7 +271,7 @@ class EnsembleModule(FloralModule):
         super().__init__(
             base, num_clients, num_adaptors=0, router=router, optimizer=optimizer, task=task, lr_scheduler=lr_scheduler
         )
-        router_kwargs = {k: v for k, v in vars(self.router_options).items() if k != "oracle"}
+        router_kwargs = self.router_options.mixture_options()
         # the built base network (``base`` may be its spec), which FloralModule wrapped as a SharedModel
         self.model = EnsembleModel(self.model.base, num_clients, num_members, router_kwargs)
 

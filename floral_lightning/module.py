@@ -25,6 +25,8 @@ from .model import FloralModel
 from .personalized import PersonalizedModel, SharedModel
 from .pretrained import build_module, save_pretrained
 from .router import ClientMixtures
+from .router_init import clustered_start
+from .seeding import run_seed
 from .tasks import Task, get_task
 from .vectorised import RoundBatch
 
@@ -47,10 +49,21 @@ class Targets:
     exclude_modules: str | list[str] | None = None
 
 
+#: how the router's logits start: ``zeros`` (the paper: every mixture uniform) or ``clustered``
+#: (``floral_lightning.router_init.clustered_start``)
+ROUTER_INITS = ("zeros", "clustered")
+
+
 @dataclass
 class RouterOptions:
     """How a client's logits become its mixture (see ``ClientMixtures``); ``oracle`` fixes every client's
-    mixture to its true cluster (the data module's ``clusters``) and freezes it."""
+    mixture to its true cluster (the data module's ``clusters``) and freezes it.
+
+    ``init`` is how the logits start: ``"zeros"`` (the paper) or ``"clustered"``: when a fit starts from scratch
+    with the logits still all zero, every client's logits come from a clustering of the clients' first updates
+    (``floral_lightning.router_init``; beyond the paper, the shipped MNIST and synthetic configs' choice). It does
+    nothing without a learned router of two or more adaptors (FedAvg, the oracle, one adaptor).
+    """
 
     temperature: float = 1.0
     noise: str = "uniform"
@@ -59,6 +72,11 @@ class RouterOptions:
     top_k: int | None = None
     entropy_penalty: float = 0.0
     oracle: bool = False
+    init: str = "zeros"
+
+    def mixture_options(self) -> dict:
+        """The options of ``ClientMixtures``: all but ``oracle`` and ``init`` (how the logits start)."""
+        return {k: v for k, v in vars(self).items() if k not in ("oracle", "init")}
 
 
 @dataclass
@@ -241,6 +259,8 @@ class FloralModule(L.LightningModule):
         # save the resolved options, not None: a resume compares every option with the checkpoint's
         resolved = {"targets": self.targets, "router": self.router_options, "optimizer": self.optimizer_options}
         self.hparams.update({k: v for k, v in resolved.items() if k not in self.hparams_not_saved})
+        if getattr(self.router_options, "init", "zeros") not in ROUTER_INITS:
+            raise ValueError(f"router.init={self.router_options.init!r}: expected one of {ROUTER_INITS}")
         if self.optimizer_options.name not in CLIENT_OPTIMIZERS:
             raise ValueError(f"optimizer.name={self.optimizer_options.name!r}: expected one of {CLIENT_OPTIMIZERS}")
         self.num_clients = num_clients
@@ -253,7 +273,7 @@ class FloralModule(L.LightningModule):
         if num_adaptors == 0:
             self.model: PersonalizedModel = SharedModel(network)
         else:
-            router_kwargs = {k: v for k, v in vars(self.router_options).items() if k != "oracle"}
+            router_kwargs = self.router_options.mixture_options()
             self.model = FloralModel(
                 network,
                 num_clients,
@@ -485,6 +505,24 @@ class FloralModule(L.LightningModule):
                 f"the model outputs shape {tuple(outputs.shape[1:])} per sample but the targets have shape "
                 f"{tuple(y.shape[1:])}; make the model's output size match the targets"
             )
+
+    def on_fit_start(self) -> None:
+        """With ``router.init="clustered"``: a fit that starts from scratch, with the logits still all zero, starts
+        every client's logits from a clustering of the clients' first updates (``router_init.clustered_start``,
+        seeded by the run's seed). A resumed fit keeps the checkpoint's logits, and logits already set (by
+        ``callbacks.ClusteredRouterInit``, which runs first, or by hand) are kept."""
+        if getattr(self.router_options, "init", "zeros") != "clustered" or self.trainer.ckpt_path is not None:
+            return
+        router = self.model.router if isinstance(self.model, FloralModel) else None
+        if router is None or router.frozen or router.num_adaptors < 2 or bool(router.logits.detach().any()):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not callable(getattr(datamodule, "client_split", None)):
+            raise ValueError(
+                "router.init='clustered' needs a data module with client_split(client_id, 'train') "
+                f"(FederatedDataModule), got {type(datamodule).__name__}; use router.init='zeros' (the paper's start)"
+            )
+        clustered_start(self, datamodule, run_seed(None))
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         """The client optimizer (``configure_client_optimizer``) and, if set, its schedule over rounds.

@@ -14,6 +14,7 @@ import itertools
 import lightning as L
 import pytest
 import torch
+from federated_helpers import fit
 from torch import nn
 
 from callbacks import AdaptorInitNoise, ClusteredRouterInit, FederatedCallback, RouterDiagnostics
@@ -288,3 +289,45 @@ def test_diagnostics_spread_ari_and_gradient_norm_are_the_hand_computed_values(t
     import json
 
     assert json.loads((tmp_path / "diag.json").read_text()) == diagnostics.history
+
+
+# --- router.init="clustered": the module's own clustered start ------------------------------------------------------
+def test_the_module_option_starts_the_router_as_the_callback_does():
+    by_callback, _, from_callback = fit_with([ClusteredRouterInit(seed=0)])
+    by_option, d, from_option = fit_with([], router=RouterOptions(init="clustered"))
+    assert torch.equal(from_option, from_callback)  # the same clustering, seeded by the run's seed
+    argmax = from_option.argmax(dim=1)
+    for c in d.clusters.unique():  # one argmax per true cluster
+        assert argmax[d.clusters == c].unique().numel() == 1
+    assert torch.equal(by_option.model.router.logits, by_callback.model.router.logits)
+
+
+def test_the_module_option_keeps_logits_already_set_and_does_nothing_without_a_learned_router():
+    class PresetLogits(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.model.router.logits.fill_(0.5)
+
+    _, _, kept = fit_with([PresetLogits()], router=RouterOptions(init="clustered"))
+    assert torch.equal(kept, torch.full_like(kept, 0.5))
+    _, d, oracle = fit_with([], router=RouterOptions(init="clustered", oracle=True))
+    assert torch.equal(oracle.argmax(dim=1), d.clusters % 2)  # the oracle's logits, untouched
+    fedavg = module(num_adaptors=0, router=RouterOptions(init="clustered"))
+    fit(fedavg, data(), 1, FederatedCallback(seed=0))  # FedAvg: nothing to start, no error
+
+
+def test_a_bad_router_init_is_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError, match=r"router.init='kmeans': expected one of \('zeros', 'clustered'\)"):
+        module(router=RouterOptions(init="kmeans"))
+
+
+@pytest.mark.parametrize(
+    "config, init",
+    [("mnist", "clustered"), ("mnist_label_shift", "clustered"), ("synthetic_linear", "clustered"),
+     ("synthetic_mlp", "clustered"), ("cifar", "zeros"), ("cifar_label_shift", "zeros"), ("cifar100", "zeros")],
+)  # fmt: skip
+def test_the_shipped_configs_start_the_router_where_the_clustered_start_was_measured(config, init):
+    from floral_lightning.cli import main
+
+    cli = main(["--config", f"conf/{config}.yaml"], run=False)  # builds the data source, downloads nothing
+    assert cli.model.router_options.init == init
