@@ -78,6 +78,14 @@ ROUTER_PY, MODEL, AGG, METRICS_PY, MODULE_PY, METHODS_PY, ENSEMBLE, PERSONALIZED
     for n in ("router", "model", "aggregation", "metrics", "module", "methods", "ensemble", "personalized")
 )
 LOOP = "callbacks/federated.py"
+RUNS_PY, DATA_FED, SEEDING = (
+    "floral_lightning/batch_runs.py",
+    "floral_lightning/data/federated.py",
+    "floral_lightning/seeding.py",
+)
+ROUTER_INIT, MODULE_PY = "floral_lightning/router_init.py", "floral_lightning/module.py"
+BATCH_RUNS = ("tests/test_batch_runs.py",)
+ROUTER_INIT_TESTS = ("tests/test_router_init.py",)
 
 MUTANTS: list[Mutant] = [
     # --- layers: alpha, paths, geometry, statistics ----------------------------------------------------------
@@ -1113,6 +1121,71 @@ MUTANTS: list[Mutant] = [
         'torch.einsum("cb...,bc->b...", outs, mixture.flip(0).to(outs.dtype))',
         "Ensemble evaluation: each sample mixed with another sample's mixture",
         METHODS,
+    ),
+    # several local batches in one Lightning step (federated.lightning_step), the seeding, the clustered start
+    m(
+        "runs.no-precondition",
+        RUNS_PY,
+        "        pl_module.on_before_optimizer_step(optimizer)\n",
+        "",
+        "earlier batches of a run skip the module's on_before_optimizer_step (FLoRAL's preconditioning)",
+        BATCH_RUNS,
+    ),
+    m(
+        "runs.no-zero-grad",
+        RUNS_PY,
+        "        optimizer.zero_grad()\n",
+        "",
+        "earlier batches of a run accumulate gradients across steps",
+        BATCH_RUNS,
+    ),
+    m(
+        "runs.no-client-switch",
+        LOOP,
+        "        if client_id == self._active_client:\n            return",
+        "        if self._active_client is not None and client_id != self._active_client:\n            return",
+        "a round in one Lightning step trains every client on as the first one",
+        BATCH_RUNS,
+    ),
+    m(
+        "runs.client-groups-whole-round",
+        DATA_FED,
+        'if pending and per == "client" and',
+        'if pending and per == "none" and',
+        "per-client runs hold the whole round",
+        BATCH_RUNS,
+    ),
+    m(
+        "seeding.cpu-unseeded",
+        SEEDING,
+        "    torch.default_generator.manual_seed(seed)\n",
+        "",
+        "the per-client seed leaves the CPU generator as it was (router noise depends on who trained before)",
+        ("tests/test_seeding.py", "tests/test_batch_runs.py"),
+    ),
+    m(
+        "router_init.first-gradient-only",
+        ROUTER_INIT,
+        "for step in range(local_steps):",
+        "for step in range(1):",
+        "a client's update is its first gradient whatever local_steps",
+        ROUTER_INIT_TESTS,
+    ),
+    m(
+        "router_init.module-overwrites-set-logits",
+        MODULE_PY,
+        " or bool(router.logits.detach().any()):",
+        ":",
+        "router.init=clustered overwrites logits a callback or the user already set",
+        ROUTER_INIT_TESTS,
+    ),
+    m(
+        "router_init.logit-ignored",
+        ROUTER_INIT,
+        "], float(logit))",
+        "], 1.0)",
+        "the assigned adaptor's logit is 1 whatever logit says",
+        ROUTER_INIT_TESTS,
     ),
 ]
 
