@@ -40,3 +40,22 @@ def test_every_grid_command_in_the_readme_and_the_committed_results_is_one_the_r
     for argv in commands:
         args = parse_args(argv)  # exits (naming the argument) on anything it does not accept
         assert args.command == "compare" and args.tasks and args.methods
+
+
+def test_the_readme_mutation_score_is_the_recorded_one_and_covers_every_mutant_of_the_tool():
+    import json
+    import sys
+
+    sys.path.insert(0, str(README.parent / "tools"))
+    import mutate  # the tool's own list of mutants
+
+    record = json.loads((README.parent / "tools" / "mutation.json").read_text())
+    scores = record["scores"]["all"]
+    assert scores["survived"] == scores["stale"] == scores["not-run"] == 0
+    assert {m["id"] for m in record["mutants"]} == {m.id for m in mutate.MUTANTS}  # each mutant has a result
+    killed, equivalent = scores["killed"], scores["equivalent"]
+    assert f"**{killed} of {killed} non-equivalent mutants killed (100 %)**" in README.read_text()
+    assert f"{equivalent} equivalent mutants" in README.read_text()
+    assert f"all {killed + equivalent} apply" in README.read_text()
+    for mutant in mutate.MUTANTS:  # and each still applies to the code: its snippet is there, exactly once
+        assert (README.parent / mutant.file).read_text().count(mutant.find) == 1, mutant.id
