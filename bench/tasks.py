@@ -317,6 +317,36 @@ def measure(tasks: dict[str, int], blocks: int | None, warmup: int = 1) -> dict[
     return results
 
 
+def versus_floor(
+    name: str,
+    spec: TaskSpec,
+    times: dict[tuple[str, str], RunTimes],
+    label: str,
+    run: tuple[str, str],
+    difference: float,
+    **detail: float,
+) -> Figure:
+    """The figure of a Trainer run ``(method, runner)`` against the floor of the same method: median training
+    round and its ratio (target ``spec.trainer_vs_floor_target``); ``difference``: of their final weights."""
+    floor = (run[0], "floor")
+    wall = {r: median([w for w, _ in times[r].rounds]) for r in (run, floor)}
+    cpu = {r: median([c for _, c in times[r].rounds]) for r in (run, floor)}
+    return Figure(
+        f"{name}: {run[0]} {label} / floor round",
+        round(wall[run], 4),
+        "s/round",
+        ratio=round(wall[run] / wall[floor], 3),
+        target=spec.trainer_vs_floor_target,
+        detail={
+            "floor_s": spread([w for w, _ in times[floor].rounds]),
+            "trainer_s": spread([w for w, _ in times[run].rounds]),
+            "cpu_ratio": round(cpu[run] / cpu[floor], 3),
+            **detail,
+            "max_abs_difference_to_trainer": difference,
+        },
+    )
+
+
 def run(quick: bool = False, only: list[str] | None = None) -> Section:
     """The ``tasks`` section (``only``: a subset of the tasks)."""
     tasks = QUICK_TASKS if quick else {name: spec.rounds for name, spec in TASKS.items()}
@@ -350,44 +380,19 @@ def run(quick: bool = False, only: list[str] | None = None) -> Section:
                 },
             )
         )
+
         if spec.floor:
             for method in ("FLoRAL", "FedAvg"):
-                trainer, floor = (method, "trainer"), (method, "floor")
-                figures.append(
-                    Figure(
-                        f"{name}: {method} Trainer round / floor round",
-                        round(train[trainer], 4),
-                        "s/round",
-                        ratio=round(train[trainer] / train[floor], 3),
-                        target=spec.trainer_vs_floor_target,
-                        detail={
-                            "floor_s": spread([w for w, _ in times[floor].rounds]),
-                            "trainer_s": spread([w for w, _ in times[trainer].rounds]),
-                            "cpu_ratio": round(cpu[trainer] / cpu[floor], 3),
-                            "max_abs_difference_to_trainer": result["max_abs_difference"][method],
-                        },
-                    )
-                )
+                difference = result["max_abs_difference"][method]
+                figures.append(versus_floor(name, spec, times, "Trainer round", (method, "trainer"), difference))
         if spec.vectorise and spec.floor:
             for per in RUNS:
                 for method in ("FLoRAL", "FedAvg"):
-                    run_, floor = (method, per), (method, "floor")
-                    figures.append(
-                        Figure(
-                            f"{name}: {method} one Lightning step per {per}: Trainer round / floor round",
-                            round(train[run_], 4),
-                            "s/round",
-                            ratio=round(train[run_] / train[floor], 3),
-                            target=spec.trainer_vs_floor_target,
-                            detail={
-                                "floor_s": spread([w for w, _ in times[floor].rounds]),
-                                "trainer_s": spread([w for w, _ in times[run_].rounds]),
-                                "cpu_ratio": round(cpu[run_] / cpu[floor], 3),
-                                "speed_up_over_one_step_per_batch": round(train[(method, "trainer")] / train[run_], 2),
-                                "max_abs_difference_to_trainer": result["runs_max_abs_difference"][(method, per)],
-                            },
-                        )
-                    )
+                    difference = result["runs_max_abs_difference"][(method, per)]
+                    speed_up = round(train[(method, "trainer")] / train[(method, per)], 2)
+                    label = f"one Lightning step per {per}: Trainer round"
+                    detail = {"speed_up_over_one_step_per_batch": speed_up}
+                    figures.append(versus_floor(name, spec, times, label, (method, per), difference, **detail))
                 figures.append(
                     Figure(
                         f"{name}: one Lightning step per {per}: FLoRAL round / FedAvg round",
