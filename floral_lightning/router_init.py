@@ -19,7 +19,7 @@ import torch
 from .data.federated import BatchPrep
 from .seeding import Stream, seeded_generator
 
-__all__ = ["clustered_start", "client_gradients", "lowest_loss_adaptor", "spherical_kmeans"]
+__all__ = ["client_gradients", "clustered_start", "lowest_loss_adaptor", "set_assigned_logits", "spherical_kmeans"]
 
 #: ``clustered_start``'s defaults: the assigned adaptor's logit (softmax weight 0.87 with C = 4), the local
 #: steps of a client's update, the k-means++ restarts
