@@ -50,17 +50,7 @@ class LogitsAtTrainStart(L.Callback):
 def fit_with(callbacks: list, rounds: int = 1, seed: int = 0, **module_kwargs):
     m, d = module(**module_kwargs), data(seed)
     recorder = LogitsAtTrainStart()
-    trainer = L.Trainer(
-        max_epochs=rounds,
-        callbacks=[FederatedCallback(seed=seed), *callbacks, recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(m, datamodule=d)
+    fit(m, d, rounds, FederatedCallback(seed=seed), extra_callbacks=[*callbacks, recorder])
     return m, d, recorder.logits
 
 
