@@ -390,8 +390,7 @@ class FederatedCallback(Callback):
         states, logits = result.stacked_updates(kept, self._global)
         sizes = self._train_sizes[[result.clients[i] for i in kept]]
         self._aggregator.add_stacked(states, sizes, logits)
-        mean = result.loss_sum / max(result.loss_count, 1)
-        pl_module.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=result.loss_count)
+        pl_module.log_round_losses(result.loss_sum, result.penalty_sum, max(result.loss_count, 1))
 
     def _nonfinite(self, trainer: L.Trainer, problem: str) -> None:
         """Stop the run on a non-finite loss or update of the active client, or (skipping) warn about it."""

@@ -122,6 +122,8 @@ def cell_command(cell: Cell, run_dir: Path, extra: list[str]) -> list[str]:
         f"--seed_everything={cell.seed}", f"--trainer.max_epochs={cell.rounds}",
         # ``callbacks.init_args`` sets the last callback so far: the config's checkpoint, before a method appends one
         f"--trainer.check_val_every_n_epoch={every}", f"--trainer.callbacks.init_args.every_n_epochs={every}",
+        # the mixtures figure (half a second a draw) at every 5th evaluation and the last: 5 per run, not 20
+        f"--report.figure_every_n_rounds={5 * every}",
         *method_overrides(cell.task, cell.method),
         f"--trainer.default_root_dir={run_dir}", f"--trainer.logger={LOGGERS.format(dir=run_dir)}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra, "--ckpt_path=last",

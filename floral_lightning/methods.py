@@ -280,7 +280,9 @@ class EnsembleModule(FloralModule):
 
 class FedProxModule(FloralModule):
     """FedAvg (or FLoRAL with ``num_adaptors > 0``) with the proximal term ``mu/2 ||w - w_global||^2`` over the
-    federated parameters added to each client's local loss; ``w_global`` is snapshot when the client starts.
+    federated parameters added to each client's local loss (its ``local_penalty``; ``w_global``: the weights the
+    client started from). Logged per round as ``train/local_penalty``. Its clients train at once under
+    ``federated.vectorise`` like FedAvg's.
 
     Args:
         base: the network.
@@ -297,35 +299,21 @@ class FedProxModule(FloralModule):
         if mu < 0:
             raise ValueError(f"mu={mu}: must be >= 0")
         self.mu = mu
-        self._anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def on_client_start(self, client_id: int) -> None:
-        super().on_client_start(client_id)
-        self._anchor = [
-            (t, t.detach().clone())
-            for t in self.federated_state().values()
-            if isinstance(t, nn.Parameter) and t.requires_grad
-        ]
-
-    def on_client_end(self, client_id: int) -> None:
-        self._anchor = []
-        super().on_client_end(client_id)
+    def local_penalty(
+        self, params: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """``mu/2 ||w - w_global||^2`` over the trained federated parameters (``None`` for ``mu = 0``)."""
+        if self.mu == 0:
+            return None
+        return 0.5 * self.mu * sum((params[n] - start[n]).pow(2).sum() for n in params)
 
     def proximal_term(self) -> torch.Tensor | None:
         """``||w - w_global||^2`` over the federated parameters, or ``None`` outside a client's training."""
-        if not self._anchor:
+        if self._client_start is None:
             return None
-        return sum((w - g).pow(2).sum() for w, g in self._anchor)
-
-    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        if self.mu > 0:
-            prox = self.proximal_term()
-            if prox is not None:
-                # the round's mean: one point per round, the round as its step (RunReport)
-                self.log("train/proximal", prox.detach(), batch_size=len(batch[0]), on_epoch=True, on_step=False)
-                loss = loss + 0.5 * self.mu * prox
-        return loss
+        params = self.trained_federated_parameters()
+        return sum((params[n] - start).pow(2).sum() for n, start in self._client_start.items())
 
 
 class DittoModule(FloralModule):
@@ -476,8 +464,8 @@ class FineTuneModule(FloralModule):
                 perm = torch.randperm(n, generator=g)
                 for start in range(0, n, batch_size):
                     idx = perm[start : start + batch_size]
-                    x = prep(x_all[idx], g).to(self.device)
-                    y = y_all[idx].to(self.device)
+                    x = prep(x_all.index_select(0, idx), g).to(self.device)
+                    y = y_all.index_select(0, idx).to(self.device)
                     optimizer.zero_grad(set_to_none=True)
                     self.compute_loss(tuner(x, client_id), y).backward()
                     optimizer.step()

@@ -270,6 +270,9 @@ class FloralModule(L.LightningModule):
         # the round's local losses so far (see ``_record_train_loss``)
         self._loss_client: int | None = None
         self._loss_sum, self._loss_count = torch.zeros(()), 0
+        self._penalty_sum = torch.zeros(())
+        #: the trained federated parameters at the start of the active client's training (``local_penalty``)
+        self._client_start: dict[str, torch.Tensor] | None = None
         if num_adaptors == 0:
             self.model: PersonalizedModel = SharedModel(network)
         else:
@@ -430,11 +433,38 @@ class FloralModule(L.LightningModule):
 
     def on_client_start(self, client_id: int) -> None:
         """Called by the round loop when ``client_id`` starts local training, after the global weights are
-        loaded: methods with private per-client state load it here."""
+        loaded: methods with private per-client state load it here (and call this one, which keeps the start of
+        ``local_penalty``)."""
+        if self.has_local_penalty:
+            self._client_start = {n: t.detach().clone() for n, t in self.trained_federated_parameters().items()}
 
     def on_client_end(self, client_id: int) -> None:
         """Called by the round loop when ``client_id`` finishes local training, before its weights are
         aggregated: methods with private per-client state store it here."""
+        self._client_start = None
+
+    def local_penalty(
+        self, params: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """A term added to a client's local loss: a function of its trained federated parameters ``params`` (by
+        name, as ``trained_federated_parameters``) and their values ``start`` when its local training started.
+        ``None``, no term, here; FedProx's proximal term ``mu/2 ||w - w_start||^2`` is one.
+
+        Both round loops add it: the sequential one in ``training_step``, the vectorised one (``federated.vectorise``)
+        inside ``vmap``, one client's tensors at a time. So a method whose local training differs from FLoRAL's
+        only by such a term still trains its clients at once (write it with tensor ops ``vmap`` can batch: no
+        ``.item()``, no data-dependent Python branches).
+        """
+        return None
+
+    @property
+    def has_local_penalty(self) -> bool:
+        """Whether the class defines a ``local_penalty`` (the round loops then keep each client's start)."""
+        return type(self).local_penalty is not FloralModule.local_penalty
+
+    def trained_federated_parameters(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``federated_state`` that local training changes: the trainable parameters."""
+        return {n: t for n, t in self.federated_state().items() if isinstance(t, nn.Parameter) and t.requires_grad}
 
     # --- what a subclass overrides for a new task --------------------------------------------------------
     @property
@@ -561,7 +591,21 @@ class FloralModule(L.LightningModule):
         penalty = None if self.model.router is None else self.model.router.entropy_loss(client_id)
         if penalty is not None:
             loss = loss + penalty
+        if self.has_local_penalty:
+            local = self._step_local_penalty()
+            if local is not None:
+                self._penalty_sum = self._penalty_sum.to(local.device) + local.detach() * len(x)
+                loss = loss + local
         return loss
+
+    def _step_local_penalty(self) -> torch.Tensor | None:
+        if self._client_start is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.local_penalty needs the client's start, which FloralModule.on_client_start "
+                "keeps: call super().on_client_start(client_id) in an override"
+            )
+        params = self.trained_federated_parameters()
+        return self.local_penalty({n: params[n] for n in self._client_start}, self._client_start)
 
     def _record_train_loss(self, client_id: int, loss: torch.Tensor, batch_size: int) -> None:
         """Add a local loss to the round's sum; ``on_round_end`` logs their mean as ``train/loss``.
@@ -580,11 +624,19 @@ class FloralModule(L.LightningModule):
     def on_round_end(self, round_idx: int) -> None:
         """Called by the round loop when this process's clients of round ``round_idx`` have trained, before the
         server step: logs ``train/loss``, the sample-weighted mean of the round's local losses (this process's
-        clients; nothing when no local step recorded one, e.g. a vectorised round, which logs its own)."""
+        clients; nothing when no local step recorded one, e.g. a vectorised round, which logs its own), and
+        ``train/local_penalty`` likewise for a method with a ``local_penalty``."""
         if self._loss_count:
-            mean = self._loss_sum / self._loss_count
-            self.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=self._loss_count)
+            self.log_round_losses(self._loss_sum, self._penalty_sum, self._loss_count)
         self._loss_client, self._loss_sum, self._loss_count = None, torch.zeros(()), 0
+        self._penalty_sum = torch.zeros(())
+
+    def log_round_losses(self, loss_sum: torch.Tensor, penalty_sum: torch.Tensor, count: int) -> None:
+        """Log the round's sample-weighted mean local loss (``train/loss``) and, for a method with a
+        ``local_penalty``, mean penalty (``train/local_penalty``), from their sums over ``count`` samples."""
+        self.log("train/loss", loss_sum / count, prog_bar=True, on_step=False, on_epoch=True, batch_size=count)
+        if self.has_local_penalty:
+            self.log("train/local_penalty", penalty_sum / count, on_step=False, on_epoch=True, batch_size=count)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.precondition:

@@ -91,9 +91,10 @@ def client_gradients(
     rows = []
     try:
         for k in client_ids:
+            batches = [(x.to(pl_module.device), y.to(pl_module.device)) for x, y in _client_batches(datamodule, k)]
             update = [torch.zeros_like(p) for p in params]
             for step in range(local_steps):
-                grads = _full_batch_gradient(pl_module, datamodule, k, params)
+                grads = _full_batch_gradient(pl_module, batches, k, params)
                 for u, g in zip(update, grads, strict=True):
                     u.add_(g)
                 if step + 1 < local_steps:
@@ -112,12 +113,14 @@ def client_gradients(
     return torch.stack(rows).cpu()
 
 
-def _full_batch_gradient(pl_module, datamodule, client_id: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradient of client ``client_id``'s mean training loss over all its samples w.r.t. ``params``."""
+def _full_batch_gradient(
+    pl_module, batches: list[tuple[torch.Tensor, torch.Tensor]], client_id: int, params: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The gradient of client ``client_id``'s mean training loss over all its samples (``batches``, the chunks of
+    ``_client_batches`` on the module's device) w.r.t. ``params``."""
     total = [torch.zeros_like(p) for p in params]
     count = 0
-    for x, y in _client_batches(datamodule, client_id):
-        x, y = x.to(pl_module.device), y.to(pl_module.device)
+    for x, y in batches:
         loss = pl_module.compute_loss(pl_module(x, client_id), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for t, g in zip(total, grads, strict=True):
@@ -144,27 +147,36 @@ def spherical_kmeans(
     if restarts < 1 or max_iter < 1:
         raise ValueError(f"restarts={restarts}, max_iter={max_iter}: both must be >= 1")
     v = torch.nn.functional.normalize(vectors.double(), dim=1)
+    # Every centre is a normalised sum of rows, so the algorithm runs on the cosines of the rows with each other
+    # (the Gram matrix, [N, N]) with each centre held as its coefficients over the rows (``weights`` [N, k]:
+    # centre c = v^T weights[:, c]): the same steps as on the vectors themselves, without ever touching D again
+    # (D is the number of shared weights: 160 000 for the MNIST MLP, where k-means on the vectors took 20 s).
+    gram = v @ v.T
+    rows = torch.arange(len(v))
     best_labels, best_score = None, -float("inf")
     for _ in range(restarts):
-        centres = v[torch.randint(len(v), (1,), generator=generator)]
-        while len(centres) < k:
-            distance = (1.0 - v @ centres.T).clamp_min(0.0).min(dim=1).values
+        picks = [int(torch.randint(len(v), (1,), generator=generator))]
+        while len(picks) < k:
+            distance = (1.0 - gram[:, picks]).clamp_min(0.0).min(dim=1).values
             if float(distance.sum()) <= 0.0:  # every row already on a centre: any row will do
                 pick = torch.randint(len(v), (1,), generator=generator)
             else:
                 pick = torch.multinomial(distance, 1, generator=generator)
-            centres = torch.cat([centres, v[pick]])
-        labels = (v @ centres.T).argmax(dim=1)
+            picks.append(int(pick))
+        weights = torch.zeros(len(v), k, dtype=gram.dtype)
+        weights[picks, rows[:k]] = 1.0  # centre c is row picks[c]
+        labels = (gram @ weights).argmax(dim=1)
         for _ in range(max_iter):
             for c in range(k):
-                members = v[labels == c]
-                if len(members):  # an emptied group keeps its old centre
-                    centres[c] = torch.nn.functional.normalize(members.sum(0), dim=0)
-            new = (v @ centres.T).argmax(dim=1)
+                members = labels == c
+                if members.any():  # an emptied group keeps its old centre
+                    norm = gram[members][:, members].sum().clamp_min(0.0).sqrt()  # ||sum of its rows||
+                    weights[:, c] = members.to(gram.dtype) / norm.clamp_min(1e-12)
+            new = (gram @ weights).argmax(dim=1)
             if torch.equal(new, labels):
                 break
             labels = new
-        score = float((v * centres[labels]).sum())
+        score = float((gram @ weights)[rows, labels].sum())
         if score > best_score + 1e-12:
             best_labels, best_score = labels, score
     return best_labels

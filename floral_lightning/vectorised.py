@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .ensemble import EnsembleModel
 from .layers import FloralLayer, FloralLinear
 from .model import FloralModel
 from .personalized import PersonalizedModel, SharedModel
@@ -66,6 +67,9 @@ TRAINING_HOOKS = (
     "federated_roles",
     "client_logits",
 )
+#: the models whose client loss the vectorised step computes: FLoRAL, FedAvg, and the Ensemble (its members are
+#: stacked tensors run under an inner ``vmap``, mixed by the same router)
+VECTORISED_MODELS = (FloralModel, SharedModel, EnsembleModel)
 #: Lightning callback hooks that run once per local step in the sequential loop (once per round vectorised)
 STEP_HOOKS = (
     "on_train_batch_start",
@@ -175,7 +179,7 @@ class RoundResult:
     ``state[name]`` is ``[S, ...]`` for the trained federated tensors (the others are the global tensors,
     unchanged); ``logits`` is ``[S, C]``, the router rows after training (``None`` without a router).
     ``loss_sum`` / ``loss_count`` give the sample-weighted mean local loss (before the entropy penalty), as
-    ``FloralModule`` logs ``train/loss``.
+    ``FloralModule`` logs ``train/loss``; ``penalty_sum`` / ``loss_count`` that of the module's ``local_penalty``.
     ``nonfinite[i]`` is ``(step, loss)`` of client i's first non-finite training loss, or ``None``;
     ``finite_update[i]`` whether client i's trained tensors and router row are all finite.
     """
@@ -184,6 +188,7 @@ class RoundResult:
     state: dict[str, torch.Tensor]
     logits: torch.Tensor | None
     loss_sum: torch.Tensor
+    penalty_sum: torch.Tensor
     loss_count: int
     nonfinite: list[tuple[int, float] | None]
     finite_update: list[bool]
@@ -222,8 +227,9 @@ def vectorise_reason(trainer: L.Trainer, pl_module: L.LightningModule, loader: A
         if getattr(type(pl_module), hook) is not getattr(FloralModule, hook):
             return f"{type(pl_module).__name__} overrides {hook} (its local training differs from FloralModule's)"
     model = pl_module.model
-    if type(model) not in (FloralModel, SharedModel):
-        return f"the model is a {type(model).__name__}; only FloralModel (FLoRAL) and SharedModel (FedAvg) vectorise"
+    if type(model) not in VECTORISED_MODELS:
+        names = ", ".join(m.__name__ for m in VECTORISED_MODELS)
+        return f"the model is a {type(model).__name__}; only {names} vectorise"
     for name, module in model.named_modules():
         if isinstance(module, _RUNNING_STATS) and module.track_running_stats:
             return f"{name} ({type(module).__name__}) updates running statistics in training"
@@ -318,10 +324,12 @@ class VectorisedClients:
         noise: torch.Tensor | None,
         x: torch.Tensor,
         y: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_client_loss` of every client at once: tensors with a leading client dimension in, ``[G]`` out."""
-        in_dims = (0, None if theta is None else 0, None if noise is None else 0, 0, 0)
-        return vmap(self._client_loss, in_dims=in_dims, randomness="error")(params, theta, noise, x, y)
+        start: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_client_loss` of every client at once: tensors with a leading client dimension in (``start``, the
+        global tensors, shared by all), ``[G]`` out."""
+        in_dims = (0, None if theta is None else 0, None if noise is None else 0, 0, 0, None)
+        return vmap(self._client_loss, in_dims=in_dims, randomness="error")(params, theta, noise, x, y, start)
 
     def _client_loss(
         self,
@@ -330,18 +338,23 @@ class VectorisedClients:
         noise: torch.Tensor | None,
         x: torch.Tensor,
         y: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One client's training loss on one batch, and the loss with the entropy penalty (what it descends)."""
+        start: dict[str, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One client's training loss on one batch, its ``local_penalty`` (0 without one), and the loss with the
+        router's entropy penalty and the local penalty (what it descends)."""
         if self.router is None:
             outputs = functional_call(self.model, params, (x,))
-            loss = self.module.compute_loss(outputs, y)
-            return loss, loss
-        mixture = self.router.mix(theta, noise)
-        outputs = functional_call(self.model, params, (x,), {"mixture": mixture})
-        loss = self.module.compute_loss(outputs, y)
-        if self.router.entropy_penalty == 0:
-            return loss, loss
-        return loss, loss + self.router.entropy_penalty * self.router.entropy_of(theta)
+            loss = total = self.module.compute_loss(outputs, y)
+        else:
+            mixture = self.router.mix(theta, noise)
+            outputs = functional_call(self.model, params, (x,), {"mixture": mixture})
+            loss = total = self.module.compute_loss(outputs, y)
+            if self.router.entropy_penalty != 0:
+                total = total + self.router.entropy_penalty * self.router.entropy_of(theta)
+        local = None if start is None else self.module.local_penalty(params, start)
+        if local is None:
+            return loss, torch.zeros_like(loss), total
+        return loss, local, total + local
 
     def _noise(self, round_idx: int, clients: list[int], num_steps: list[int], device: torch.device) -> torch.Tensor:
         """Every client's router noise per local step [S, max steps, C], drawn as its sequential training draws
@@ -371,7 +384,10 @@ class VectorisedClients:
             trained["router"] = theta
         state = self._fresh_optimizer_state(trained)
         loss_sum = torch.zeros((), device=next(iter(stacked.values()), theta).device)
+        penalty_sum = torch.zeros_like(loss_sum)
         loss_count = 0
+        # the global tensors, the start of every client's local_penalty
+        client_start = {n: global_state[n].detach() for n in self.names} if self.module.has_local_penalty else None
         records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, positions, penalised losses)
         for s, groups in enumerate(batch.steps):
             for group in groups:
@@ -387,7 +403,7 @@ class VectorisedClients:
                 elif theta is not None:
                     th = _take(theta, start, count, idx)
                 nz = None if noise is None else _take(noise[:, s], start, count, idx)
-                losses, penalised = self.losses(params, th, nz, group.x, group.y)
+                losses, local, penalised = self.losses(params, th, nz, group.x, group.y, client_start)
                 grads = dict(zip(leaves, torch.autograd.grad(penalised.sum(), list(leaves.values()))))
                 with torch.no_grad():
                     self._precondition(leaves, grads)
@@ -403,6 +419,7 @@ class VectorisedClients:
                                 v.index_copy_(0, idx, group_state[n][k])
                     rows = group.x.shape[1]
                     loss_sum += losses.detach().sum() * rows
+                    penalty_sum += local.detach().sum() * rows
                     loss_count += rows * len(group.positions)
                     records.append((s, group.positions, penalised.detach()))
         nonfinite = self._nonfinite(records, size)
@@ -413,7 +430,7 @@ class VectorisedClients:
             finite &= torch.isfinite(t.sum(tuple(range(1, t.dim()))) if t.dim() > 1 else t)
         logits = trained.get("router", theta)  # a frozen router (oracle): its rows still weight the adaptors
         state = {n: trained[n] for n in self.names}
-        return RoundResult(clients, state, logits, loss_sum, loss_count, nonfinite, finite.tolist())
+        return RoundResult(clients, state, logits, loss_sum, penalty_sum, loss_count, nonfinite, finite.tolist())
 
     def _stack(self, name: str, tensor: torch.Tensor, size: int) -> torch.Tensor:
         """``size`` copies of ``tensor`` stacked on a new leading dimension, in the layout of ``layouts[name]``."""
@@ -522,7 +539,10 @@ def probe(clients: VectorisedClients, global_state: Mapping[str, torch.Tensor], 
             leaves.append(theta)
         if clients.router.draws_noise:
             noise = torch.zeros_like(theta)
-    _, penalised = clients.losses(params, theta, noise, x, y)
+    start = None
+    if clients.module.has_local_penalty:
+        start = {n: global_state[n].detach() for n in clients.names}
+    _, _, penalised = clients.losses(params, theta, noise, x, y, start)
     if not leaves:
         return
     grads = torch.autograd.grad(penalised.sum(), leaves)

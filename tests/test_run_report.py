@@ -235,6 +235,31 @@ def test_csv_logger_run_directory_holds_figure_clients_and_overhead(tmp_path):
     assert "federated.clients_per_round: 1.0" in (log_dir / "hparams.yaml").read_text()
 
 
+def test_the_figure_is_drawn_for_a_logger_at_the_rounds_asked_for(tmp_path, monkeypatch):
+    """Without a logger nothing would get the mixtures figure (about half a second a draw): it is not drawn. With
+    ``figure_every_n_rounds`` it is drawn after multiples of it and at the last round, and on every test."""
+    import callbacks.run_report
+
+    drawn = []
+    monkeypatch.setattr(callbacks.run_report, "render_figure", lambda fig: drawn.append(fig) or render_figure(fig))
+    args = [*SYNTHETIC, "--trainer.max_epochs=5", "--trainer.check_val_every_n_epoch=1",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    main([*args, "--trainer.logger=false"])
+    assert drawn == []
+    csv_logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    cli = main([*args, *csv_logger])
+    assert len(drawn) == 5  # by default at every evaluation
+    drawn.clear()
+    cli = main([*args, *csv_logger, "--report.figure_every_n_rounds=2"])
+    assert sorted(p.name for p in (Path(cli.trainer.log_dir) / "mixtures").iterdir()) == [
+        "val_round00002.png", "val_round00004.png", "val_round00005.png"  # 5: the last round
+    ]  # fmt: skip
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert len(drawn) == 4
+    with pytest.raises(ValueError, match="figure_every_n_rounds=0: must be >= 1"):
+        RunReport(figure_every_n_rounds=0)
+
+
 def test_render_dashboard_names_a_directory_without_events(tmp_path, capsys):
     import importlib.util
 

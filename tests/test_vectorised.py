@@ -22,7 +22,14 @@ from torch import nn
 
 from floral_lightning.aggregation import StreamingAggregator
 from floral_lightning.data import ArraySplits, ClientSource, FederatedDataModule
-from floral_lightning.methods import DittoModule, FedAvgModule, FedProxModule, FineTuneModule, LocalAdaptorModule
+from floral_lightning.methods import (
+    DittoModule,
+    EnsembleModule,
+    FedAvgModule,
+    FedProxModule,
+    FineTuneModule,
+    LocalAdaptorModule,
+)
 from floral_lightning.models import MLP
 from floral_lightning.module import ClientOptimizer, RouterOptions
 from floral_lightning.tasks import RegressionModule
@@ -111,10 +118,13 @@ def assert_same_rounds(
         torch.testing.assert_close(vec_state[name], value, atol=ATOL, rtol=RTOL, msg=name)
     if sequential.client_mixtures() is not None:
         torch.testing.assert_close(vectorised.client_mixtures(), sequential.client_mixtures(), atol=ATOL, rtol=RTOL)
-    # the logged local loss: the sample-weighted mean of the round's training losses
-    torch.testing.assert_close(
-        vec_trainer.callback_metrics["train/loss"], seq_trainer.callback_metrics["train/loss"], atol=ATOL, rtol=RTOL
-    )
+    # the logged local loss: the sample-weighted mean of the round's training losses (and of a local penalty)
+    logged = [m for m in ("train/loss", "train/local_penalty") if m in seq_trainer.callback_metrics]
+    assert logged == (["train/loss", "train/local_penalty"] if sequential.has_local_penalty else ["train/loss"])
+    for metric in logged:
+        seq_value, vec_value = seq_trainer.callback_metrics[metric], vec_trainer.callback_metrics[metric]
+        assert seq_value != 0, metric  # a logged zero would make the comparison vacuous
+        torch.testing.assert_close(vec_value, seq_value, atol=ATOL, rtol=RTOL, msg=metric)
 
 
 @pytest.mark.parametrize(
@@ -150,6 +160,12 @@ def test_oracle_mixtures_rounds_are_the_same():
 @pytest.mark.parametrize("cls", [FedAvgModule, FineTuneModule])
 def test_methods_that_keep_floral_local_training_vectorise(cls):
     assert_same_rounds(SGD, num_adaptors=0, cls=cls)
+
+
+@pytest.mark.parametrize("num_adaptors", [0, 3], ids=["fedavg", "floral"])
+def test_fedprox_rounds_are_the_same(num_adaptors):
+    """FedProx's proximal term (its local_penalty) inside vmap: from the global weights, over the adaptors too."""
+    assert_same_rounds(SGD, num_adaptors=num_adaptors, cls=FedProxModule, mu=0.7)
 
 
 def test_round_batch_groups_clients_by_batch_shape_and_keeps_every_batch():
@@ -222,7 +238,6 @@ def reason_of(module, caplog, **trainer_options) -> str | None:
     "cls, reason",
     [
         (DittoModule, "DittoModule overrides training_step"),
-        (FedProxModule, "FedProxModule overrides training_step"),
         (LocalAdaptorModule, "LocalAdaptorModule overrides on_client_start"),
     ],
 )
@@ -307,3 +322,24 @@ def test_resuming_a_vectorised_run_at_a_round_end_reproduces_it(tmp_path):
     assert second.vectorised is not None and [u.client_id for u in second.updates]  # round 3 ran, vectorised
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_ensemble_rounds_are_the_same():
+    """The Ensemble's members (stacked tensors under their own inner ``vmap``) and its router, at once."""
+
+    def make():
+        torch.manual_seed(0)
+        module = EnsembleModule(MLP(6, [8], 2), NUM_CLIENTS, num_members=3, router=NOISY, optimizer=SGD, task="regression")
+        with torch.no_grad():
+            module.model.router.logits.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+        return module
+
+    sequential, vectorised = make(), make()
+    start = copy.deepcopy(sequential.state_dict())
+    seq_cb, _ = run(sequential, False)
+    vec_cb, _ = run(vectorised, True)
+    assert seq_cb.vectorised is None and vec_cb.vectorised is not None, vec_cb.sequential_reason
+    assert [u.client_id for u in vec_cb.updates] == [u.client_id for u in seq_cb.updates]
+    for name, value in sequential.state_dict().items():
+        assert not torch.equal(value, start[name]), f"{name} never changed: the comparison would be vacuous"
+        torch.testing.assert_close(vectorised.state_dict()[name], value, atol=ATOL, rtol=RTOL, msg=name)
