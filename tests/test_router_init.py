@@ -112,6 +112,49 @@ def test_spherical_kmeans_finds_directions_up_to_sign_of_scale_and_is_seeded():
     assert torch.equal(labels, spherical_kmeans(rows, 3, seeded_generator(0, 4, 0)))
 
 
+def kmeans_on_the_vectors(vectors: torch.Tensor, k: int, generator: torch.Generator, restarts: int) -> torch.Tensor:
+    """Spherical k-means written out on the vectors themselves (the definition ``spherical_kmeans`` follows on
+    their Gram matrix): k-means++ seeding by ``1 - cos``, assign to the centre of highest cosine, centres the
+    normalised sums of their rows (an emptied group keeps its centre), the restart of highest total cosine."""
+    v = torch.nn.functional.normalize(vectors.double(), dim=1)
+    best, best_score = None, -float("inf")
+    for _ in range(restarts):
+        centres = v[torch.randint(len(v), (1,), generator=generator)]
+        while len(centres) < k:
+            distance = (1.0 - v @ centres.T).clamp_min(0.0).min(dim=1).values
+            if float(distance.sum()) <= 0.0:
+                pick = torch.randint(len(v), (1,), generator=generator)
+            else:
+                pick = torch.multinomial(distance, 1, generator=generator)
+            centres = torch.cat([centres, v[pick]])
+        labels = (v @ centres.T).argmax(dim=1)
+        for _ in range(100):
+            for c in range(k):
+                if (labels == c).any():
+                    centres[c] = torch.nn.functional.normalize(v[labels == c].sum(0), dim=0)
+            new = (v @ centres.T).argmax(dim=1)
+            if torch.equal(new, labels):
+                break
+            labels = new
+        score = float((v * centres[labels]).sum())
+        if score > best_score + 1e-12:
+            best, best_score = labels, score
+    return best
+
+
+def test_spherical_kmeans_on_the_gram_matrix_groups_as_on_the_vectors():
+    """Overlapping groups of unequal spread and size, k from 1 to 5: the labels of the definition, every time."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(5, 60, (), generator=g))
+        k = min(int(torch.randint(1, 6, (), generator=g)), n)
+        centres = torch.randn(k, 8, generator=g)
+        spread = float(torch.rand((), generator=g)) * 2
+        rows = centres[torch.randint(k, (n,), generator=g)] + spread * torch.randn(n, 8, generator=g)
+        expected = kmeans_on_the_vectors(rows, k, seeded_generator(trial), restarts=3)
+        assert torch.equal(spherical_kmeans(rows, k, seeded_generator(trial), restarts=3), expected), trial
+
+
 @pytest.mark.parametrize(
     "k, restarts, match", [(0, 1, "k=0"), (31, 1, "k=31"), (2, 0, "restarts=0")]
 )  # fmt: skip

@@ -84,6 +84,8 @@ RUNS_PY, DATA_FED, SEEDING = (
     "floral_lightning/seeding.py",
 )
 ROUTER_INIT, MODULE_PY = "floral_lightning/router_init.py", "floral_lightning/module.py"
+VECTORISED_PY, REPORT_PY = "floral_lightning/vectorised.py", "callbacks/run_report.py"
+VECTORISED = ("tests/test_vectorised.py",)
 BATCH_RUNS = ("tests/test_batch_runs.py",)
 ROUTER_INIT_TESTS = ("tests/test_router_init.py",)
 
@@ -1053,17 +1055,17 @@ MUTANTS: list[Mutant] = [
     m(
         "methods.fedprox-half-missing",
         METHODS_PY,
-        "loss = loss + 0.5 * self.mu * prox",
-        "loss = loss + self.mu * prox",
+        "return 0.5 * self.mu * sum(",
+        "return self.mu * sum(",
         "FedProx term without the 1/2",
         METHODS,
     ),
     m(
         "methods.fedprox-anchor-live",
-        METHODS_PY,
-        "(t, t.detach().clone())",
-        "(t, t)",
-        "FedProx anchored to the live weights (term always 0)",
+        MODULE_PY,
+        "self._client_start = {n: t.detach().clone() for n, t",
+        "self._client_start = {n: t for n, t",
+        "a local penalty (FedProx's) anchored to the live weights (term always 0)",
         METHODS,
     ),
     m(
@@ -1186,6 +1188,72 @@ MUTANTS: list[Mutant] = [
         "], 1.0)",
         "the assigned adaptor's logit is 1 whatever logit says",
         ROUTER_INIT_TESTS,
+    ),
+    m(
+        "router_init.kmeans-centres-unnormalised",
+        ROUTER_INIT,
+        "weights[:, c] = members.to(gram.dtype) / norm.clamp_min(1e-12)",
+        "weights[:, c] = members.to(gram.dtype)",
+        "k-means centres are the sums of their rows, not the normalised sums (big groups attract)",
+        ROUTER_INIT_TESTS,
+    ),
+    # --- the vectorised round (federated.vectorise) ------------------------------------------------------------
+    m(
+        "vectorised.local-penalty-dropped",
+        VECTORISED_PY,
+        "local = None if start is None else self.module.local_penalty(params, start)",
+        "local = None",
+        "the vectorised round leaves out the module's local penalty (FedProx trains as FedAvg)",
+        VECTORISED,
+    ),
+    m(
+        "vectorised.local-penalty-not-logged",
+        VECTORISED_PY,
+        "penalty_sum += local.detach().sum() * rows",
+        "penalty_sum += 0 * rows",
+        "the vectorised round logs train/local_penalty as 0",
+        VECTORISED,
+    ),
+    m(
+        "vectorised.no-precondition",
+        VECTORISED_PY,
+        "self._precondition(leaves, grads)",
+        "pass",
+        "the vectorised round skips FLoRAL's preconditioning",
+        VECTORISED,
+    ),
+    m(
+        "vectorised.momentum-unused",
+        VECTORISED_PY,
+        'g = state[n]["momentum_buffer"].mul_(group["momentum"]).add_(g)',
+        'state[n]["momentum_buffer"].mul_(group["momentum"]).add_(g)',
+        "the vectorised SGD step keeps a momentum buffer but steps with the plain gradient",
+        VECTORISED,
+    ),
+    m(
+        "vectorised.noise-shared",
+        VECTORISED_PY,
+        "stream_seed(self.seed, Stream.LOCAL_TRAINING, round_idx, k)",
+        "stream_seed(self.seed, Stream.LOCAL_TRAINING, round_idx, 0)",
+        "every client of a vectorised round draws client 0's router noise",
+        VECTORISED,
+    ),
+    m(
+        "vectorised.router-frozen",
+        VECTORISED_PY,
+        'trained["router"] = theta',
+        "pass",
+        "the vectorised round does not train the router rows",
+        VECTORISED,
+    ),
+    # --- the run report ---------------------------------------------------------------------------------------
+    m(
+        "report.figure-every-evaluation",
+        REPORT_PY,
+        "return every is None or round_idx % every == 0 or last",
+        "return True",
+        "report.figure_every_n_rounds is ignored (the figure is drawn at every evaluation)",
+        ("tests/test_run_report.py",),
     ),
 ]
 
