@@ -1253,7 +1253,7 @@ MUTANTS: list[Mutant] = [
         "return every is None or round_idx % every == 0 or last",
         "return True",
         "report.figure_every_n_rounds is ignored (the figure is drawn at every evaluation)",
-        ("tests/test_run_report.py",),
+        ("tests/test_run_report.py::test_the_figure_is_drawn_for_a_logger_at_the_rounds_asked_for",),
     ),
 ]
 
