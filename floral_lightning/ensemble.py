@@ -36,6 +36,30 @@ def _owner_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return root.get_submodule(module_name), attr
 
 
+#: parameter-free modules that act on each element alone: a stacked chain applies them to all members at once
+ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Identity)
+
+
+def stacked_chain(members: nn.Module) -> list[nn.Module] | None:
+    """The layers of ``members`` when they can run as stacked matrix products (:meth:`EnsembleModel.member_outputs`):
+    a plain ``nn.Sequential`` (or a subclass that keeps its ``forward``, like ``MLP``) of ``nn.Flatten`` (before the
+    first linear layer), ``nn.Linear`` and the activations of :data:`ELEMENTWISE`, exactly those classes, with at least
+    one linear layer; else ``None``."""
+    if not isinstance(members, nn.Sequential) or type(members).forward is not nn.Sequential.forward:
+        return None
+    layers = list(members)
+    first_linear = next((i for i, layer in enumerate(layers) if type(layer) is nn.Linear), None)
+    if first_linear is None:
+        return None
+    for i, layer in enumerate(layers):
+        kind = type(layer)
+        if kind is nn.Flatten and i < first_linear and layer.start_dim == 1 and layer.end_dim == -1:
+            continue
+        if kind is not nn.Linear and kind not in ELEMENTWISE:
+            return None
+    return layers
+
+
 class MixtureOfNetworks(nn.Module):
     """``sum_c weights[c] * networks[c](x)``: one client's ensemble with its mixture fixed (a plain module)."""
 
@@ -93,6 +117,8 @@ class EnsembleModel(PersonalizedModel):
                 owner, attr = self._owner(name)
                 owner._buffers[attr] = value.clone()  # keeps the buffer's persistence
         self.router = ClientMixtures(num_clients, num_members, **(router or {}))
+        #: the members' layers when they run as stacked products (``stacked_chain``), else None (``vmap``)
+        self._chain = stacked_chain(self.members) if not buffers else None
         self._roles: dict[str, Role] = {
             n: ("private" if n.startswith("router.") else "adaptor") for n, _ in self.named_tensors()
         }
@@ -104,6 +130,8 @@ class EnsembleModel(PersonalizedModel):
     # --- forward -----------------------------------------------------------------------------------------
     def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output on ``x``, stacked: ``[C, B, ...]``."""
+        if self._chain is not None:
+            return self._chain_outputs(x)
         params = dict(self.members.named_parameters())
         buffers = dict(self.members.named_buffers())
         if buffers and self.training:
@@ -120,6 +148,34 @@ class EnsembleModel(PersonalizedModel):
             return functional_call(self.members, (p, b), (inputs,))
 
         return torch.vmap(one, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+
+    def _chain_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``member_outputs`` of a stacked chain (an MLP): the members' layers as stacked matrix products.
+
+        Until the first linear layer every member sees the same input, so the members' first layers are one wide
+        layer (their weights side by side: one product ``[N, in] x [in, C * out]``); after it, one batched product
+        per layer. For the MNIST MLP that is about twice as fast per step as running the members under ``vmap``,
+        which broadcasts the shared input to every member and copies it.
+        """
+        h = x
+        members = self.num_adaptors
+        shared = True  # h is still the input every member sees
+        for layer in self._chain:
+            if type(layer) is not nn.Linear:
+                h = layer(h)
+                continue
+            w, b = layer.weight, layer.bias  # [C, out, in], [C, out]
+            lead = h.shape[:-1] if shared else h.shape[1:-1]
+            rows = h.reshape(-1, w.shape[-1]) if shared else h.reshape(members, -1, w.shape[-1])
+            if shared:
+                wide = w.reshape(-1, w.shape[-1]).t()  # [in, C * out]
+                out = rows @ wide if b is None else torch.addmm(b.reshape(-1), rows, wide)
+                out = out.view(-1, members, w.shape[1]).transpose(0, 1)  # [C, N, out]
+                shared = False
+            else:
+                out = rows @ w.transpose(1, 2) if b is None else torch.baddbmm(b.unsqueeze(1), rows, w.transpose(1, 2))
+            h = out.reshape(members, *lead, w.shape[1])
+        return h
 
     def forward(
         self,

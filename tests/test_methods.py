@@ -227,6 +227,35 @@ def test_ensemble_model_mixes_independent_members_on_the_outputs():
     torch.testing.assert_close(model(x, ids), sum(w[:, c : c + 1] * members[c] for c in range(3)))
 
 
+@pytest.mark.parametrize(
+    "base, chain",
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 5, bias=False), nn.GELU(),
+                       nn.Linear(5, 3)), True),
+        (MLP(12, [6], 3), True),
+        (nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.Softmax(dim=-1), nn.Linear(7, 3)), False),  # not elementwise
+    ],
+    ids=["deep-chain", "mlp", "vmap"],
+)  # fmt: skip
+def test_ensemble_members_outputs_and_gradients_are_each_members_own(base, chain):
+    """Stacked products (a chain of linear layers and elementwise activations) or ``vmap``: member c's output is
+    the base network run with member c's tensors, and so are the gradients of every member's tensors."""
+    torch.manual_seed(0)
+    model = EnsembleModel(base, num_clients=3, num_members=3, router={"noise": "none"})
+    assert (model._chain is not None) == chain
+    x = torch.randn(5, 3, 4)  # flattened to 12 features
+    names = [n for n, _ in model.members.named_parameters()]
+    stacked = dict(model.members.named_parameters())
+    outputs = model.member_outputs(x)
+    expected = torch.stack([functional_call(base, {n: stacked[n][c] for n in names}, (x,)) for c in range(3)])
+    torch.testing.assert_close(outputs, expected)
+    upstream = torch.randn_like(outputs)
+    got = torch.autograd.grad((outputs * upstream).sum(), [stacked[n] for n in names])
+    want = torch.autograd.grad((expected * upstream).sum(), [stacked[n] for n in names])
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, msg=name)
+
+
 def test_ensemble_members_with_batch_norm_update_their_own_statistics():
     torch.manual_seed(0)
     model = EnsembleModel(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), num_clients=2, num_members=2)
