@@ -81,10 +81,11 @@ class EnsembleModel(PersonalizedModel):
     are re-initialised with ``reset_parameters()`` of their submodules, drawing from the global RNG (seed it
     for reproducible members). The members live in ``members``, a copy of the base architecture whose
     tensors are replaced by the stacked ones ``[C, *shape]`` (names as in ``base``: ``members.fc.weight``);
-    it is a container, not callable by itself. ``forward`` runs the members with ``torch.func.functional_call``
-    under ``torch.vmap`` (``randomness="different"``: each member draws its own dropout masks); when the base
-    has buffers and the model is training (batch-norm statistics updated in place) it loops over the members
-    instead.
+    it is a container, not callable by itself. ``forward`` runs the members as stacked matrix products when the
+    base is a chain of linear layers and elementwise activations (``stacked_chain``: an MLP), else with
+    ``torch.func.functional_call`` under ``torch.vmap`` (``randomness="different"``: each member draws its own
+    dropout masks); when the base has buffers and the model is training (batch-norm statistics updated in place)
+    it loops over the members instead.
 
     Args:
         base: the network (not modified; copied C times).
