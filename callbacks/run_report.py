@@ -124,7 +124,9 @@ class RunReport(Callback):
         if figure_max_clients < 1:
             raise ValueError(f"figure_max_clients={figure_max_clients}: must be >= 1")
         if figure_every_n_rounds is not None and figure_every_n_rounds < 1:
-            raise ValueError(f"figure_every_n_rounds={figure_every_n_rounds}: must be >= 1, or None for every evaluation")
+            raise ValueError(
+                f"figure_every_n_rounds={figure_every_n_rounds}: must be >= 1, or None for every evaluation"
+            )
         self.figure_max_clients = figure_max_clients
         self.figure_every_n_rounds = figure_every_n_rounds
         #: the run's options for HPARAMS as a flat dict; the CLI sets the model, data and federated options

@@ -329,7 +329,8 @@ def test_ensemble_rounds_are_the_same():
 
     def make():
         torch.manual_seed(0)
-        module = EnsembleModule(MLP(6, [8], 2), NUM_CLIENTS, num_members=3, router=NOISY, optimizer=SGD, task="regression")
+        base = MLP(6, [8], 2)
+        module = EnsembleModule(base, NUM_CLIENTS, num_members=3, router=NOISY, optimizer=SGD, task="regression")
         with torch.no_grad():
             module.model.router.logits.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
         return module
