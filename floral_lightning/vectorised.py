@@ -68,7 +68,7 @@ TRAINING_HOOKS = (
     "client_logits",
 )
 #: the models whose client loss the vectorised step computes: FLoRAL, FedAvg, and the Ensemble (its members are
-#: stacked tensors run under an inner ``vmap``, mixed by the same router)
+#: stacked tensors, run as stacked products or under an inner ``vmap``, mixed by the same router)
 VECTORISED_MODELS = (FloralModel, SharedModel, EnsembleModel)
 #: Lightning callback hooks that run once per local step in the sequential loop (once per round vectorised)
 STEP_HOOKS = (
