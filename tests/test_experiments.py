@@ -111,7 +111,8 @@ def test_the_cell_command_resumes_logs_csv_first_and_checkpoints_at_every_evalua
     assert cell.run_dir(tmp_path) == tmp_path / "runs/synthetic_linear/floral1/seed2_rounds300"
     assert command[-2:] == ["--data.init_args.batch_size=8", "--ckpt_path=last"]  # the user's options, then resume
     expected = {"--trainer.check_val_every_n_epoch=15", "--trainer.callbacks.init_args.every_n_epochs=15",
-                "--seed_everything=2", "--trainer.max_epochs=300", "--model.init_args.rank=0.01"}  # fmt: skip
+                "--seed_everything=2", "--trainer.max_epochs=300", "--model.init_args.rank=0.01",
+                "--report.figure_every_n_rounds=75"}  # the mixtures figure at every 5th evaluation  # fmt: skip
     assert expected <= set(command)
     (logger,) = [a for a in command if a.startswith("--trainer.logger=")]
     assert logger.index("CSVLogger") < logger.index("TensorBoardLogger")  # checkpoints go under csv/version_*/

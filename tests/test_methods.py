@@ -310,6 +310,17 @@ def test_fedprox_with_mu_zero_is_fedavg_and_mu_keeps_clients_near_the_global_mod
     assert (drift(runs["mu5"][1]) < drift(runs["fedavg"][1])).all()
 
 
+def test_a_local_penalty_without_the_clients_start_is_refused_by_name():
+    """An override of on_client_start that does not call FloralModule's leaves local_penalty without its start."""
+
+    class ForgetfulFedProx(FedProxModule):
+        def on_client_start(self, client_id: int) -> None:
+            pass
+
+    with pytest.raises(RuntimeError, match=r"ForgetfulFedProx.local_penalty .* super\(\).on_client_start"):
+        fit(linear(ForgetfulFedProx, mu=1.0), linear_data(), 1, FederatedCallback())
+
+
 def test_fedprox_adds_its_term_to_floral():
     module = linear(FedProxModule, mu=1.0, num_adaptors=2, rank=1)
     assert module.model.router is not None
