@@ -166,14 +166,15 @@ class EnsembleModel(PersonalizedModel):
                 h = layer(h)
                 continue
             w, b = layer.weight, layer.bias  # [C, out, in], [C, out]
-            lead = h.shape[:-1] if shared else h.shape[1:-1]
-            rows = h.reshape(-1, w.shape[-1]) if shared else h.reshape(members, -1, w.shape[-1])
             if shared:
-                wide = w.reshape(-1, w.shape[-1]).t()  # [in, C * out]
+                lead = h.shape[:-1]
+                rows, wide = h.reshape(-1, w.shape[-1]), w.reshape(-1, w.shape[-1]).t()  # [N, in], [in, C * out]
                 out = rows @ wide if b is None else torch.addmm(b.reshape(-1), rows, wide)
                 out = out.view(-1, members, w.shape[1]).transpose(0, 1)  # [C, N, out]
                 shared = False
             else:
+                lead = h.shape[1:-1]
+                rows = h.reshape(members, -1, w.shape[-1])  # [C, N, in]
                 out = rows @ w.transpose(1, 2) if b is None else torch.baddbmm(b.unsqueeze(1), rows, w.transpose(1, 2))
             h = out.reshape(members, *lead, w.shape[1])
         return h

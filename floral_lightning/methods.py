@@ -130,6 +130,11 @@ def per_client_outputs(
     return out
 
 
+def squared_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``sum_n ||a[n] - b[n]||^2`` over the names of ``b``."""
+    return sum((a[n] - t).pow(2).sum() for n, t in b.items())
+
+
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``module`` by name."""
     return dict(module.named_parameters()) | dict(module.named_buffers())
@@ -306,14 +311,13 @@ class FedProxModule(FloralModule):
         """``mu/2 ||w - w_global||^2`` over the trained federated parameters (``None`` for ``mu = 0``)."""
         if self.mu == 0:
             return None
-        return 0.5 * self.mu * sum((params[n] - start[n]).pow(2).sum() for n in params)
+        return 0.5 * self.mu * squared_distance(params, start)
 
     def proximal_term(self) -> torch.Tensor | None:
         """``||w - w_global||^2`` over the federated parameters, or ``None`` outside a client's training."""
         if self._client_start is None:
             return None
-        params = self.trained_federated_parameters()
-        return sum((params[n] - start).pow(2).sum() for n, start in self._client_start.items())
+        return squared_distance(self.trained_federated_parameters(), self._client_start)
 
 
 class DittoModule(FloralModule):

@@ -165,18 +165,20 @@ def spherical_kmeans(
             picks.append(int(pick))
         weights = torch.zeros(len(v), k, dtype=gram.dtype)
         weights[picks, rows[:k]] = 1.0  # centre c is row picks[c]
-        labels = (gram @ weights).argmax(dim=1)
+        cosines = gram @ weights  # of every row with every centre
+        labels = cosines.argmax(dim=1)
         for _ in range(max_iter):
             for c in range(k):
                 members = labels == c
                 if members.any():  # an emptied group keeps its old centre
                     norm = gram[members][:, members].sum().clamp_min(0.0).sqrt()  # ||sum of its rows||
                     weights[:, c] = members.to(gram.dtype) / norm.clamp_min(1e-12)
-            new = (gram @ weights).argmax(dim=1)
+            cosines = gram @ weights
+            new = cosines.argmax(dim=1)
             if torch.equal(new, labels):
                 break
             labels = new
-        score = float((gram @ weights)[rows, labels].sum())
+        score = float(cosines[rows, labels].sum())
         if score > best_score + 1e-12:
             best_labels, best_score = labels, score
     return best_labels

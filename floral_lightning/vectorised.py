@@ -368,6 +368,13 @@ class VectorisedClients:
                 noise[i, s] = self.router.draw_noise((c,), generator)
         return noise
 
+    def penalty_start(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The start of every client's ``local_penalty``: the global tensors it trains from (``None`` for a module
+        without a local penalty)."""
+        if not self.module.has_local_penalty:
+            return None
+        return {n: global_state[n].detach() for n in self.names}
+
     # --- a round -----------------------------------------------------------------------------------------
     def train_round(self, round_idx: int, global_state: Mapping[str, torch.Tensor], batch: RoundBatch) -> RoundResult:
         """Train ``batch.clients`` from ``global_state``, each with its own router row and a fresh optimizer."""
@@ -386,8 +393,7 @@ class VectorisedClients:
         loss_sum = torch.zeros((), device=next(iter(stacked.values()), theta).device)
         penalty_sum = torch.zeros_like(loss_sum)
         loss_count = 0
-        # the global tensors, the start of every client's local_penalty
-        client_start = {n: global_state[n].detach() for n in self.names} if self.module.has_local_penalty else None
+        client_start = self.penalty_start(global_state)
         records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, positions, penalised losses)
         for s, groups in enumerate(batch.steps):
             for group in groups:
@@ -539,10 +545,7 @@ def probe(clients: VectorisedClients, global_state: Mapping[str, torch.Tensor], 
             leaves.append(theta)
         if clients.router.draws_noise:
             noise = torch.zeros_like(theta)
-    start = None
-    if clients.module.has_local_penalty:
-        start = {n: global_state[n].detach() for n in clients.names}
-    _, _, penalised = clients.losses(params, theta, noise, x, y, start)
+    _, _, penalised = clients.losses(params, theta, noise, x, y, clients.penalty_start(global_state))
     if not leaves:
         return
     grads = torch.autograd.grad(penalised.sum(), leaves)

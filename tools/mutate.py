@@ -1055,8 +1055,8 @@ MUTANTS: list[Mutant] = [
     m(
         "methods.fedprox-half-missing",
         METHODS_PY,
-        "return 0.5 * self.mu * sum(",
-        "return self.mu * sum(",
+        "return 0.5 * self.mu * squared_distance(",
+        "return self.mu * squared_distance(",
         "FedProx term without the 1/2",
         METHODS,
     ),
